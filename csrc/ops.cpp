@@ -1,0 +1,26 @@
+// The kernel op schemas of rla_ext (one place). CPU kernels register in csrc/cpu/, CUDA kernels in
+// csrc/cuda/; the dispatcher picks by device. The Python layer (rla_ext/ops/) validates arguments,
+// keeps the BatchNorm bookkeeping and wraps these in autograd; see docs/ARCHITECTURE.md for the contract.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(rla_ext, m) {
+  m.def("concat_conv_bn_act_kernel_fwd(Tensor x, Tensor h, Tensor weight, Tensor gamma, Tensor beta, "
+        "Tensor? mean, Tensor? var, float eps, bool relu) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("concat_conv_bn_act_kernel_bwd(Tensor grad_out, Tensor x, Tensor h, Tensor weight, Tensor gamma, "
+        "Tensor beta, Tensor z, Tensor mean, Tensor var, float eps, bool relu, bool training) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("rla_update_kernel_fwd(Tensor h, Tensor y, Tensor out_weight, Tensor gamma, Tensor beta, "
+        "Tensor? mean, Tensor? var, Tensor rec_weight, bool pool, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("rla_update_kernel_bwd(Tensor grad_out, Tensor h, Tensor y, Tensor out_weight, Tensor gamma, "
+        "Tensor beta, Tensor rec_weight, Tensor s, Tensor mean, Tensor var, bool pool, float eps, bool training) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+// `import rla_ext._C` only has to load this library so the registrations above run; the module
+// itself is empty (no pybind11, which keeps compile time down).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "rla_ext kernels (registered as torch.ops.rla_ext.*)",
+                                   -1, nullptr};
+  return PyModule_Create(&def);
+}

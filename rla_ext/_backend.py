@@ -1,0 +1,135 @@
+"""Backend selection: per call, per module, a context manager, a process default, the environment.
+
+Precedence (first that is set wins): the call's ``backend=`` argument (modules pass theirs), the
+innermost ``use_backend()`` block, ``set_backend()``, ``$RLA_EXT_BACKEND``, then ``"auto"``.
+``"auto"`` picks the fastest backend available for the tensor's device.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from rla_ext import _extension
+
+BACKENDS = ("torch", "cpp", "cuda", "triton")
+CHOICES = BACKENDS + ("auto",)
+# Fastest first. Triton on the CPU runs through its interpreter: correct but slow, never auto.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here; the message says why and how to get it."""
+
+
+_process_default: str | None = None
+_local = threading.local()
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in CHOICES:
+        raise ValueError(f"backend: expected one of {CHOICES}, got {name!r}")
+    return name.lower()
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide default backend (None restores $RLA_EXT_BACKEND / "auto")."""
+    global _process_default
+    _process_default = None if name is None else _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Use `name` for every op call inside the block that does not pass ``backend=`` itself."""
+    name = _check_name(name)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def get_backend() -> str:
+    """The backend name in force for calls that do not pass one (may be "auto")."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    if _process_default is not None:
+        return _process_default
+    env = os.environ.get("RLA_EXT_BACKEND")
+    if env:
+        try:
+            return _check_name(env)
+        except ValueError:
+            raise ValueError(f"$RLA_EXT_BACKEND: expected one of {CHOICES}, got {env!r}") from None
+    return "auto"
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str, device: torch.device | str) -> str | None:
+    """None when backend `name` can run on `device`, else a sentence saying why and how to fix it."""
+    name = _check_name(name)
+    dev = torch.device(device).type
+    if name in ("torch", "auto"):
+        return None
+    if name == "cpp":
+        if dev != "cpu":
+            return f"the 'cpp' backend runs on CPU tensors only (got a {dev} tensor); use 'cuda' or 'triton'"
+        if not _extension.cpp_compiled():
+            return ("the compiled extension rla_ext._C is missing or failed to load "
+                    f"({_extension.load_error() or 'CPU kernels not registered'}); "
+                    "build it with `pip install --no-build-isolation -e .` (or `make setup`)")
+        return None
+    if name == "cuda":
+        if dev != "cuda":
+            return f"the 'cuda' backend runs on CUDA tensors only (got a {dev} tensor)"
+        if not _extension.cuda_compiled():
+            return ("rla_ext was built without its CUDA kernels "
+                    f"({_extension.recorded_build_info().get('cuda_reason', 'not built')}); rebuild with a "
+                    "CUDA toolkit and a CUDA build of torch, or set RLA_EXT_FORCE_CUDA=1")
+        return None
+    # triton
+    if importlib.util.find_spec("triton") is None:
+        return "the 'triton' backend needs the triton package: `pip install triton`"
+    if dev == "cuda":
+        return None
+    if dev == "cpu":
+        if triton_interpreter_on():
+            return None
+        return ("Triton kernels run on CPU tensors only through Triton's interpreter: set "
+                "TRITON_INTERPRET=1 before importing rla_ext")
+    return f"the 'triton' backend does not run on {dev} tensors"
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run on `device` (default: CUDA if visible, else CPU), fastest first."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device).type
+    order = list(_AUTO_ORDER.get(dev, ("torch",)))
+    order += [b for b in BACKENDS if b not in order]
+    return [b for b in order if unavailable_reason(b, device) is None]
+
+
+def resolve(name: str | None, device: torch.device) -> str:
+    """The concrete backend for a call on `device`: checks availability, expands "auto"."""
+    name = get_backend() if name is None else _check_name(name)
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            if unavailable_reason(candidate, device) is None:
+                return candidate
+        return "torch"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+    return name

@@ -1,0 +1,16 @@
+"""Reference for op A: the published block entry, relu(bn1(conv1(cat(x, h))))."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def concat_conv_bn_act(x: Tensor, h: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+                       running_mean: Tensor | None, running_var: Tensor | None, training: bool,
+                       momentum: float, eps: float, activation: str) -> Tensor:
+    """x (N,C,H,W), h (N,k,H,W), weight (Co,C+k[,1,1]) -> (N,Co,H,W). Materialises cat(x, h)."""
+    w = weight if weight.dim() == 4 else weight[:, :, None, None]
+    z = F.conv2d(torch.cat((x, h), dim=1), w)
+    out = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return F.relu(out) if activation == "relu" else out

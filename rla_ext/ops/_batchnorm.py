@@ -1,0 +1,66 @@
+"""BatchNorm bookkeeping shared by every backend: statistics dtype, affine defaults, eval
+statistics, the training-batch check and the running-statistics update.
+
+Semantics are those of ``torch.nn.functional.batch_norm``: ``momentum`` is the already-resolved
+averaging factor, the running variance takes the UNBIASED batch variance, normalisation uses the
+biased one.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are kept in float32 (float64 for float64 inputs), as PyTorch's own BN does."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def affine(bn_weight: Tensor | None, bn_bias: Tensor | None, channels: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """gamma, beta in the stat dtype; ones / zeros where the module has no affine parameters.
+
+    The casts are ordinary autograd ops, so gradients reach the user's parameters in their dtype.
+    """
+    sd = stat_dtype(like.dtype)
+    gamma = bn_weight.to(sd) if bn_weight is not None else torch.ones(channels, dtype=sd, device=like.device)
+    beta = bn_bias.to(sd) if bn_bias is not None else torch.zeros(channels, dtype=sd, device=like.device)
+    return gamma, beta
+
+
+def check_training_batch(count: int, shape: torch.Size | tuple[int, ...], training: bool) -> None:
+    """Batch statistics need more than one value per channel (same rule and text as PyTorch)."""
+    if training and count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(shape)}")
+
+
+def check_eval_stats(running_mean: Tensor | None, running_var: Tensor | None, training: bool) -> None:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean, running_var: give both or neither")
+    if not training and running_mean is None:
+        raise ValueError("running_mean, running_var: required when training=False (eval mode normalises with "
+                         "them); pass training=True to normalise with batch statistics instead")
+
+
+def eval_stats(running_mean: Tensor, running_var: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Fresh copies of the running statistics in the stat dtype of activations of `dtype`."""
+    sd = stat_dtype(dtype)
+    return (running_mean.detach().to(sd, copy=True).contiguous(),
+            running_var.detach().to(sd, copy=True).contiguous())
+
+
+@torch.no_grad()
+def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor,
+                         var: Tensor, count: int, momentum: float) -> None:
+    """running <- (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
+    if running_mean is None or running_var is None:
+        return
+    unbiased = var * (count / (count - 1))
+    running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def reduce_grad_dtype(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+    """A kernel's stat-dtype parameter gradient, returned in the dtype autograd expects."""
+    if grad is None or like is None:
+        return grad
+    return grad.to(like.dtype)

@@ -1,0 +1,57 @@
+"""Where each fused backend's kernel pair (forward, backward) lives; see docs/ARCHITECTURE.md."""
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from rla_ext import _extension
+from rla_ext.ops import _batchnorm
+
+FUSED_BACKENDS = ("cpp", "cuda", "triton")
+
+
+class KernelPair(NamedTuple):
+    forward: Callable[..., tuple[Tensor, ...]]
+    backward: Callable[..., tuple[Tensor, ...]]
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(op: str, backend: str) -> KernelPair:
+    """The kernel pair of `op` ("concat_conv_bn_act" or "rla_update") for a fused `backend`."""
+    if backend in ("cpp", "cuda"):
+        err = _extension.load_error()
+        if err is not None:
+            raise RuntimeError(f"rla_ext._C is not available: {err}")
+        ns = torch.ops.rla_ext
+        # One schema for both: the dispatcher picks the CPU or CUDA kernel from the tensors' device.
+        return KernelPair(getattr(ns, f"{op}_kernel_fwd").default, getattr(ns, f"{op}_kernel_bwd").default)
+    if backend == "triton":
+        mod = importlib.import_module(f"rla_ext.triton_kernels.{op}")
+        return KernelPair(mod.forward, mod.backward)
+    raise ValueError(f"backend: {backend!r} has no fused kernels (expected one of {FUSED_BACKENDS})")
+
+
+def forward_with_stats(call: Callable[[Tensor | None, Tensor | None], tuple[Tensor, ...]],
+                       running_mean: Tensor | None, running_var: Tensor | None, *, training: bool,
+                       momentum: float, count: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Run a kernel forward in training (batch stats, then the running update) or eval mode.
+
+    `call(mean, var)` runs the kernel; it returns (out, saved, mean, var) like every forward kernel.
+    """
+    if training:
+        result = call(None, None)
+        _batchnorm.update_running_stats(running_mean, running_var, result[2], result[3], count, momentum)
+        return result
+    assert running_mean is not None and running_var is not None
+    return call(*_batchnorm.eval_stats(running_mean, running_var, dtype))
+
+
+def empty_activation(like: Tensor, channels: int, height: int, width: int,
+                     fmt: torch.memory_format) -> Tensor:
+    """An uninitialised (N, channels, height, width) tensor in memory format `fmt` (for fake kernels)."""
+    return like.new_empty((like.shape[0], channels, height, width)).contiguous(memory_format=fmt)

@@ -1,0 +1,121 @@
+"""Op A: ``act(batch_norm(conv1x1(cat(x, h))))`` without ever building ``cat(x, h)``.
+
+This is the RLA bottleneck's entry: its first 1x1 conv reads the block input x and the RLA hidden
+state h as two slices of one reduction.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rla_ext import _backend, _reference
+from rla_ext.ops import _batchnorm as bn
+from rla_ext.ops import _validation as v
+from rla_ext.ops._kernels import empty_activation, forward_with_stats, kernels
+
+_OP = "concat_conv_bn_act"
+
+
+@torch.library.custom_op("rla_ext::concat_conv_bn_act_fwd", mutates_args=("running_mean", "running_var"))
+def _fwd(x: Tensor, h: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor | None,
+         running_var: Tensor | None, training: bool, momentum: float, eps: float, relu: bool,
+         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (out, z, mean, var); updates running_mean / running_var in place when training."""
+    kern = kernels(_OP, backend)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    return forward_with_stats(lambda m, var: kern.forward(x, h, weight, gamma, beta, m, var, eps, relu),
+                              running_mean, running_var, training=training, momentum=momentum, count=count,
+                              dtype=x.dtype)
+
+
+@_fwd.register_fake
+def _fwd_fake(x, h, weight, gamma, beta, running_mean, running_var, training, momentum, eps, relu, backend):
+    fmt = v.memory_format_of(x)
+    co = weight.shape[0]
+    out = empty_activation(x, co, x.shape[2], x.shape[3], fmt)
+    z = empty_activation(x, co, x.shape[2], x.shape[3], fmt)
+    return out, z, gamma.new_empty((co,)), gamma.new_empty((co,))
+
+
+@torch.library.custom_op("rla_ext::concat_conv_bn_act_bwd", mutates_args=())
+def _bwd(grad_out: Tensor, x: Tensor, h: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, z: Tensor,
+         mean: Tensor, var: Tensor, eps: float, relu: bool, training: bool,
+         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (dx, dh, dweight, dgamma, dbeta)."""
+    grad_out = v.in_format(grad_out, v.memory_format_of(x))
+    return kernels(_OP, backend).backward(grad_out, x, h, weight, gamma, beta, z, mean, var, eps, relu, training)
+
+
+@_bwd.register_fake
+def _bwd_fake(grad_out, x, h, weight, gamma, beta, z, mean, var, eps, relu, training, backend):
+    fmt = v.memory_format_of(x)
+    return (empty_activation(x, x.shape[1], x.shape[2], x.shape[3], fmt),
+            empty_activation(h, h.shape[1], h.shape[2], h.shape[3], fmt),
+            torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(beta))
+
+
+class ConcatConvBnActFunction(torch.autograd.Function):
+    """Autograd for the fused backends: saves the inputs, the pre-BN conv output and the statistics."""
+
+    @staticmethod
+    def forward(ctx, x, h, weight, gamma, beta, running_mean, running_var, training, momentum, eps, relu, backend):
+        out, z, mean, var = _fwd(x, h, weight, gamma, beta, running_mean, running_var, training, momentum, eps,
+                                 relu, backend)
+        ctx.save_for_backward(x, h, weight, gamma, beta, z, mean, var)
+        ctx.config = (eps, relu, training, backend)
+        ctx.mark_non_differentiable(z, mean, var)
+        return out, z, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _gz, _gmean, _gvar):
+        x, h, weight, gamma, beta, z, mean, var = ctx.saved_tensors
+        eps, relu, training, backend = ctx.config
+        dx, dh, dw, dgamma, dbeta = _bwd(grad_out, x, h, weight, gamma, beta, z, mean, var, eps, relu, training,
+                                         backend)
+        return dx, dh, dw, dgamma, dbeta, None, None, None, None, None, None, None
+
+
+def concat_conv_bn_act(x: Tensor, h: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+                       running_mean: Tensor | None, running_var: Tensor | None, *, training: bool,
+                       momentum: float = 0.1, eps: float = 1e-5, activation: str = "relu",
+                       backend: str | None = None) -> Tensor:
+    """``act(batch_norm(conv1x1(cat(x, h), weight)))`` with no concatenation built or saved.
+
+    Shapes:
+        x: (N, C, H, W) block input; h: (N, k, H, W) RLA hidden state (same dtype and device).
+        weight: (C_out, C + k, 1, 1) or (C_out, C + k); columns [0, C) act on x, [C, C+k) on h.
+        bn_weight, bn_bias: (C_out,) or None (no affine). running_mean, running_var: (C_out,) or None;
+            updated in place when ``training`` (unbiased variance, factor ``momentum``), read in eval.
+        returns: (N, C_out, H, W), in x's memory format (contiguous or channels_last).
+    Args:
+        training: batch statistics (True) or running statistics (False), as ``F.batch_norm``.
+        momentum: the already-resolved averaging factor for the running statistics.
+        activation: "relu" or "none".
+        backend: "torch", "cpp", "cuda", "triton" or "auto"; None uses the selection in force.
+    Dtypes: float16, bfloat16, float32, float64 (statistics in float32, float64 for float64).
+    """
+    v.check_activation("x", x)
+    v.check_activation("h", h, x, "x")
+    n, c, hh, ww = x.shape
+    if h.shape[0] != n or tuple(h.shape[2:]) != (hh, ww):
+        raise ValueError(f"h: expected shape ({n}, k, {hh}, {ww}) to match x {tuple(x.shape)}, got {tuple(h.shape)}")
+    k = h.shape[1]
+    w2 = v.weight_matrix("weight", weight, None, c + k, x, "x", f"C + k = {c} + {k}")
+    co = w2.shape[0]
+    bn_weight = v.channel_vector("bn_weight", bn_weight, co, x, "x")
+    bn_bias = v.channel_vector("bn_bias", bn_bias, co, x, "x")
+    running_mean = v.channel_vector("running_mean", running_mean, co, x, "x")
+    running_var = v.channel_vector("running_var", running_var, co, x, "x")
+    training, momentum, eps = v.check_scalars(training, momentum, eps)
+    activation = v.check_activation_name(activation)
+    bn.check_eval_stats(running_mean, running_var, training)
+    bn.check_training_batch(n * hh * ww, (n, co, hh, ww), training)
+    name = _backend.resolve(backend, x.device)
+    if name == "torch":
+        return _reference.concat_conv_bn_act(x, h, weight, bn_weight, bn_bias, running_mean, running_var, training,
+                                             momentum, eps, activation)
+    fmt = v.memory_format_of(x)
+    gamma, beta = bn.affine(bn_weight, bn_bias, co, x)
+    out, *_ = ConcatConvBnActFunction.apply(v.in_format(x, fmt), v.in_format(h, fmt), w2, gamma, beta, running_mean,
+                                            running_var, training, momentum, eps, activation == "relu", name)
+    return out

@@ -1,0 +1,122 @@
+"""Op B: one RLA hidden-state update, ``rec3x3(tanh(bn(pool?(h) + out1x1(y))))``."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rla_ext import _backend, _reference
+from rla_ext.ops import _batchnorm as bn
+from rla_ext.ops import _validation as v
+from rla_ext.ops._kernels import empty_activation, forward_with_stats, kernels
+
+_OP = "rla_update"
+
+
+@torch.library.custom_op("rla_ext::rla_update_fwd", mutates_args=("running_mean", "running_var"))
+def _fwd(h: Tensor, y: Tensor, out_weight: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor | None,
+         running_var: Tensor | None, rec_weight: Tensor, pool: bool, training: bool, momentum: float, eps: float,
+         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (out, s, mean, var); updates running_mean / running_var in place when training."""
+    kern = kernels(_OP, backend)
+    count = y.shape[0] * y.shape[2] * y.shape[3]
+    return forward_with_stats(
+        lambda m, var: kern.forward(h, y, out_weight, gamma, beta, m, var, rec_weight, pool, eps),
+        running_mean, running_var, training=training, momentum=momentum, count=count, dtype=y.dtype)
+
+
+@_fwd.register_fake
+def _fwd_fake(h, y, out_weight, gamma, beta, running_mean, running_var, rec_weight, pool, training, momentum, eps,
+              backend):
+    fmt = v.memory_format_of(y)
+    k = out_weight.shape[0]
+    out = empty_activation(y, k, y.shape[2], y.shape[3], fmt)
+    s = empty_activation(y, k, y.shape[2], y.shape[3], fmt)
+    return out, s, gamma.new_empty((k,)), gamma.new_empty((k,))
+
+
+@torch.library.custom_op("rla_ext::rla_update_bwd", mutates_args=())
+def _bwd(grad_out: Tensor, h: Tensor, y: Tensor, out_weight: Tensor, gamma: Tensor, beta: Tensor,
+         rec_weight: Tensor, s: Tensor, mean: Tensor, var: Tensor, pool: bool, eps: float, training: bool,
+         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (dh, dy, dout_weight, drec_weight, dgamma, dbeta)."""
+    grad_out = v.in_format(grad_out, v.memory_format_of(y))
+    return kernels(_OP, backend).backward(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean, var, pool,
+                                          eps, training)
+
+
+@_bwd.register_fake
+def _bwd_fake(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean, var, pool, eps, training, backend):
+    fmt = v.memory_format_of(y)
+    return (empty_activation(h, h.shape[1], h.shape[2], h.shape[3], fmt),
+            empty_activation(y, y.shape[1], y.shape[2], y.shape[3], fmt),
+            torch.empty_like(out_weight), torch.empty_like(rec_weight), torch.empty_like(gamma),
+            torch.empty_like(beta))
+
+
+class RLAUpdateFunction(torch.autograd.Function):
+    """Autograd for the fused backends: saves inputs, the pre-BN sum s and the statistics; backward
+    recomputes tanh(bn(s)) rather than keeping it."""
+
+    @staticmethod
+    def forward(ctx, h, y, out_weight, gamma, beta, running_mean, running_var, rec_weight, pool, training, momentum,
+                eps, backend):
+        out, s, mean, var = _fwd(h, y, out_weight, gamma, beta, running_mean, running_var, rec_weight, pool,
+                                 training, momentum, eps, backend)
+        ctx.save_for_backward(h, y, out_weight, gamma, beta, rec_weight, s, mean, var)
+        ctx.config = (pool, eps, training, backend)
+        ctx.mark_non_differentiable(s, mean, var)
+        return out, s, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _gs, _gmean, _gvar):
+        h, y, out_weight, gamma, beta, rec_weight, s, mean, var = ctx.saved_tensors
+        pool, eps, training, backend = ctx.config
+        dh, dy, dw_out, dw_rec, dgamma, dbeta = _bwd(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean,
+                                                     var, pool, eps, training, backend)
+        return dh, dy, dw_out, dgamma, dbeta, None, None, dw_rec, None, None, None, None, None
+
+
+def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+               running_mean: Tensor | None, running_var: Tensor | None, rec_weight: Tensor, *, pool: bool = False,
+               training: bool, momentum: float = 0.1, eps: float = 1e-5, backend: str | None = None) -> Tensor:
+    """``conv3x3(tanh(batch_norm(avgpool2x2?(h) + conv1x1(y, out_weight))), rec_weight)``.
+
+    Shapes:
+        h: (N, k, Hh, Wh) previous hidden state; y: (N, C, H, W) the block's final output, where
+            (H, W) = (Hh // 2, Wh // 2) when ``pool`` (2x2 average pool, stride 2) else (Hh, Wh).
+        out_weight: (k, C, 1, 1) or (k, C), the stage's shared 1x1 conv.
+        bn_weight, bn_bias, running_mean, running_var: (k,) or None (this block's BatchNorm).
+        rec_weight: (k, k, 3, 3) or (k, 9k), the stage's shared 3x3 conv (padding 1, no bias).
+        returns: (N, k, H, W), in y's memory format (contiguous or channels_last).
+    Args: as ``concat_conv_bn_act`` (training, momentum, eps, backend); pool as above.
+    Dtypes: float16, bfloat16, float32, float64 (statistics in float32, float64 for float64).
+    """
+    v.check_activation("y", y)
+    v.check_activation("h", h, y, "y")
+    n, c, hy, wy = y.shape
+    k = h.shape[1]
+    if not isinstance(pool, bool):
+        raise TypeError(f"pool: expected a bool, got {type(pool).__name__}")
+    want = (h.shape[2] // 2, h.shape[3] // 2) if pool else tuple(h.shape[2:])
+    if h.shape[0] != n or want != (hy, wy):
+        how = "2x2-pooled spatial size" if pool else "spatial size"
+        raise ValueError(f"h: shape {tuple(h.shape)} does not match y {tuple(y.shape)} (batch must be equal and the "
+                         f"{how} of h, {want}, must equal y's {(hy, wy)})")
+    w_out = v.weight_matrix("out_weight", out_weight, k, c, y, "y", f"C = {c}, the channels of y")
+    w_rec = v.conv3x3_weight("rec_weight", rec_weight, k, y, "y")
+    bn_weight = v.channel_vector("bn_weight", bn_weight, k, y, "y")
+    bn_bias = v.channel_vector("bn_bias", bn_bias, k, y, "y")
+    running_mean = v.channel_vector("running_mean", running_mean, k, y, "y")
+    running_var = v.channel_vector("running_var", running_var, k, y, "y")
+    training, momentum, eps = v.check_scalars(training, momentum, eps)
+    bn.check_eval_stats(running_mean, running_var, training)
+    bn.check_training_batch(n * hy * wy, (n, k, hy, wy), training)
+    name = _backend.resolve(backend, y.device)
+    if name == "torch":
+        return _reference.rla_update(h, y, out_weight, bn_weight, bn_bias, running_mean, running_var, rec_weight,
+                                     pool, training, momentum, eps)
+    fmt = v.memory_format_of(y)
+    gamma, beta = bn.affine(bn_weight, bn_bias, k, y)
+    out, *_ = RLAUpdateFunction.apply(v.in_format(h, fmt), v.in_format(y, fmt), w_out, gamma, beta, running_mean,
+                                      running_var, w_rec, pool, training, momentum, eps, name)
+    return out
