@@ -90,7 +90,8 @@ def build_extensions():
     with_cuda, why = want_cuda(cuda_home)
     log(f"CUDA kernels: {'yes' if with_cuda else 'no'} ({why})")
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # torch >= 2.14 headers use C++20 (std::strong_ordering, requires-clauses).
+    cxx = ["-O3", "-fopenmp", "-std=c++20"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     macros = []
     arch_list = None
@@ -111,7 +112,7 @@ def build_extensions():
         macros.append(("RLA_EXT_WITH_CUDA", "1"))
         ext = CUDAExtension(
             "rla_ext._C", sources, include_dirs=include_dirs, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17",
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++20",
                                                      "--expt-relaxed-constexpr", "-lineinfo"]},
             extra_link_args=["-fopenmp"])
     else:
