@@ -1,0 +1,87 @@
+"""Backend selection rules: per call > use_backend() > set_backend() > $RLA_EXT_BACKEND > auto."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rla_ext
+from rla_ext import _backend
+from rla_ext.ops import concat_conv_bn_act
+from rla_testing import make_ccba_inputs
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch):
+    monkeypatch.delenv("RLA_EXT_BACKEND", raising=False)
+    rla_ext.set_backend(None)
+    yield
+    rla_ext.set_backend(None)
+
+
+def test_precedence(monkeypatch):
+    cpu = torch.device("cpu")
+    assert rla_ext.get_backend() == "auto"
+    monkeypatch.setenv("RLA_EXT_BACKEND", "torch")
+    assert _backend.resolve(None, cpu) == "torch"
+    rla_ext.set_backend("auto")
+    assert rla_ext.get_backend() == "auto"
+    with rla_ext.use_backend("torch"):
+        assert rla_ext.get_backend() == "torch"
+        with rla_ext.use_backend("auto"):
+            assert rla_ext.get_backend() == "auto"
+        assert rla_ext.get_backend() == "torch"
+        assert _backend.resolve("auto", cpu) == rla_ext.available_backends("cpu")[0]
+    assert rla_ext.get_backend() == "auto"
+
+
+def test_auto_picks_fastest_available_on_cpu():
+    expected = "cpp" if rla_ext.build_info()["cpp_compiled"] else "torch"
+    assert _backend.resolve("auto", torch.device("cpu")) == expected
+    assert rla_ext.available_backends("cpu")[0] == expected
+
+
+def test_bad_names_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="backend"):
+        rla_ext.set_backend("fast")
+    with pytest.raises(ValueError, match="backend"):
+        with rla_ext.use_backend("fast"):
+            pass
+    monkeypatch.setenv("RLA_EXT_BACKEND", "fast")
+    with pytest.raises(ValueError, match="RLA_EXT_BACKEND"):
+        rla_ext.get_backend()
+
+
+def test_unavailable_backend_says_why_and_how():
+    inp = make_ccba_inputs(2, 4, 2, 3, (2, 2), torch.float32, "cpu", "contiguous")
+    with pytest.raises(rla_ext.BackendUnavailableError, match="'cuda' backend runs on CUDA tensors only"):
+        concat_conv_bn_act(**inp, training=True, backend="cuda")
+    assert "cuda" not in rla_ext.available_backends("cpu")
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = _backend.unavailable_reason("triton", "cpu")
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+
+
+def test_environment_variable_selects_backend_in_a_fresh_process():
+    code = ("import torch, rla_ext; from rla_ext import _backend; "
+            "print(_backend.resolve(None, torch.device('cpu')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "RLA_EXT_BACKEND": "torch"})
+    assert out.stdout.strip() == "torch"
+
+
+def test_use_backend_routes_calls(monkeypatch):
+    """The context manager really changes which implementation runs."""
+    calls = []
+    real = _backend.resolve
+    monkeypatch.setattr(_backend, "resolve", lambda name, dev: calls.append(real(name, dev)) or calls[-1])
+    inp = make_ccba_inputs(2, 4, 2, 3, (2, 2), torch.float32, "cpu", "contiguous")
+    with rla_ext.use_backend("torch"):
+        concat_conv_bn_act(**inp, training=True)
+    concat_conv_bn_act(**inp, training=True, backend="torch")
+    assert calls == ["torch", "torch"]
