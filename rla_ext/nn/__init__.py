@@ -1,0 +1,16 @@
+"""Drop-in modules built on the fused RLA ops.
+
+* :class:`RLABottleneck`, :class:`RLABasicBlock`: ``x_t = block(x, h)``.
+* :func:`rla_step`, :class:`RLAAggregator`: the per-stage RLA update.
+* :class:`SqueezeExcite`, :class:`EfficientChannelAttention`: optional branch attention.
+* :class:`EarlyExitHead`: a classifier on the RLA state at an intermediate depth.
+* :func:`bn_args`: nn.BatchNorm2d's momentum / running-stat bookkeeping for fused ops.
+"""
+from rla_ext.nn._bn_args import BNArgs, bn_args
+from rla_ext.nn.aggregator import RLAAggregator, check_rla_convs, rla_step
+from rla_ext.nn.attention import EfficientChannelAttention, SqueezeExcite
+from rla_ext.nn.blocks import RLABasicBlock, RLABottleneck, make_downsample
+from rla_ext.nn.early_exit import EarlyExitHead
+
+__all__ = ["BNArgs", "bn_args", "RLAAggregator", "check_rla_convs", "rla_step", "EfficientChannelAttention",
+           "SqueezeExcite", "RLABasicBlock", "RLABottleneck", "make_downsample", "EarlyExitHead"]

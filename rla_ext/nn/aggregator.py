@@ -1,0 +1,63 @@
+"""The RLA update, ``h_t = rec3x3(tanh(bn_t(pool?(h_{t-1}) + out1x1(x_t))))``, as module pieces.
+
+Within one stage ``out1x1`` (C -> k) and ``rec3x3`` (k -> k) are shared by every block (that is
+the recurrence) while each block t has its own ``bn_t``. Networks that must keep the published
+checkpoint layout (conv_outs.{s}, recurrent_convs.{s}, stage_bns.{s}.{t}) hold these modules
+themselves and call :func:`rla_step`; :class:`RLAAggregator` bundles one stage's pieces for
+building RLA into other backbones.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from rla_ext.nn._bn_args import bn_args
+from rla_ext.ops import rla_update
+
+
+def _as(w: Tensor, like: Tensor) -> Tensor:
+    return w if w.dtype == like.dtype else w.to(like.dtype)
+
+
+def check_rla_convs(conv_out: nn.Conv2d, recurrent_conv: nn.Conv2d) -> None:
+    """The fused update implements bias-free 1x1 (stride 1) and 3x3 (padding 1) convs only."""
+    if conv_out.kernel_size != (1, 1) or conv_out.stride != (1, 1) or conv_out.bias is not None \
+            or conv_out.groups != 1:
+        raise ValueError("conv_out: expected a bias-free, ungrouped 1x1 conv with stride 1")
+    k = recurrent_conv.out_channels
+    if (recurrent_conv.kernel_size != (3, 3) or recurrent_conv.padding != (1, 1) or recurrent_conv.stride != (1, 1)
+            or recurrent_conv.dilation != (1, 1) or recurrent_conv.bias is not None or recurrent_conv.groups != 1
+            or recurrent_conv.in_channels != k or conv_out.out_channels != k):
+        raise ValueError("recurrent_conv: expected a bias-free k->k 3x3 conv, padding 1, stride 1, with k = "
+                         "conv_out.out_channels")
+
+
+def rla_step(h: Tensor, y: Tensor, conv_out: nn.Conv2d, recurrent_conv: nn.Conv2d, bn: nn.Module, *,
+             pool: bool = False, backend: str | None = None) -> Tensor:
+    """One RLA update through ``rla_ext.ops.rla_update``, with ``bn``'s bookkeeping as nn.BatchNorm2d.
+
+    h (N, k, Hh, Wh) previous state; y (N, C, H, W) the block's final output, with
+    (H, W) = (Hh//2, Wh//2) when ``pool`` else (Hh, Wh). Returns the new state (N, k, H, W).
+    """
+    a = bn_args(bn)
+    return rla_update(h, y, _as(conv_out.weight, y), a.weight, a.bias, a.running_mean, a.running_var,
+                      _as(recurrent_conv.weight, y), pool=pool, training=a.training, momentum=a.momentum,
+                      eps=a.eps, backend=backend)
+
+
+class RLAAggregator(nn.Module):
+    """One stage's RLA pieces: shared ``conv_out`` (C -> k, 1x1) and ``recurrent_conv`` (k -> k, 3x3),
+    and ``bns`` (one BatchNorm2d(k) per block of the stage).
+
+    ``forward(h, y, step, pool=False)``: h (N, k, Hh, Wh), y (N, C, H, W) -> (N, k, H, W).
+    """
+
+    def __init__(self, in_channels: int, rla_channel: int, num_blocks: int, *, backend: str | None = None,
+                 norm_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv_out = nn.Conv2d(in_channels, rla_channel, 1, bias=False)
+        self.recurrent_conv = nn.Conv2d(rla_channel, rla_channel, 3, padding=1, bias=False)
+        self.bns = nn.ModuleList(norm_layer(rla_channel) for _ in range(num_blocks))
+        self.backend = backend
+
+    def forward(self, h: Tensor, y: Tensor, step: int, pool: bool = False) -> Tensor:
+        return rla_step(h, y, self.conv_out, self.recurrent_conv, self.bns[step], pool=pool, backend=self.backend)
