@@ -78,8 +78,19 @@ def triton_interpreter_on() -> bool:
 
 def unavailable_reason(name: str, device: torch.device | str) -> str | None:
     """None when backend `name` can run on `device`, else a sentence saying why and how to fix it."""
-    name = _check_name(name)
-    dev = torch.device(device).type
+    reason = _unavailable_reason(_check_name(name), torch.device(device).type)
+    return reason or None
+
+
+# Availability cannot change while a graph is traced; torch.compile evaluates this once, at trace time,
+# instead of tracing into the dispatcher queries and imports below (which would break the graph).
+@torch.compiler.assume_constant_result
+def _unavailable_reason(name: str, dev: str) -> str:
+    """An empty string when available (a str either way, so the traced constant has one type)."""
+    return _why_unavailable(name, dev) or ""
+
+
+def _why_unavailable(name: str, dev: str) -> str | None:
     if name in ("torch", "auto"):
         return None
     if name == "cpp":

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from rla_ext import _backend, _reference
+from rla_ext.ops import _autocast
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _validation as v
 from rla_ext.ops._kernels import empty_activation, forward_with_stats, kernels
@@ -23,9 +24,10 @@ def _fwd(x: Tensor, h: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, runn
     """-> (out, z, mean, var); updates running_mean / running_var in place when training."""
     kern = kernels(_OP, backend)
     count = x.shape[0] * x.shape[2] * x.shape[3]
-    return forward_with_stats(lambda m, var: kern.forward(x, h, weight, gamma, beta, m, var, eps, relu),
-                              running_mean, running_var, training=training, momentum=momentum, count=count,
-                              dtype=x.dtype)
+    with _autocast.disabled(x.device.type):
+        return forward_with_stats(lambda m, var: kern.forward(x, h, weight, gamma, beta, m, var, eps, relu),
+                                  running_mean, running_var, training=training, momentum=momentum, count=count,
+                                  dtype=x.dtype)
 
 
 @_fwd.register_fake
@@ -42,8 +44,10 @@ def _bwd(grad_out: Tensor, x: Tensor, h: Tensor, weight: Tensor, gamma: Tensor, 
          mean: Tensor, var: Tensor, eps: float, relu: bool, training: bool,
          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dh, dweight, dgamma, dbeta)."""
-    grad_out = v.in_format(grad_out, v.memory_format_of(x))
-    return kernels(_OP, backend).backward(grad_out, x, h, weight, gamma, beta, z, mean, var, eps, relu, training)
+    grad_out = v.in_format(grad_out.to(x.dtype), v.memory_format_of(x))
+    with _autocast.disabled(x.device.type):
+        return kernels(_OP, backend).backward(grad_out, x, h, weight, gamma, beta, z, mean, var, eps, relu,
+                                              training)
 
 
 @_bwd.register_fake
@@ -92,8 +96,11 @@ def concat_conv_bn_act(x: Tensor, h: Tensor, weight: Tensor, bn_weight: Tensor |
         momentum: the already-resolved averaging factor for the running statistics.
         activation: "relu" or "none".
         backend: "torch", "cpp", "cuda", "triton" or "auto"; None uses the selection in force.
-    Dtypes: float16, bfloat16, float32, float64 (statistics in float32, float64 for float64).
+    Dtypes: float16, bfloat16, float32, float64 (statistics in float32, float64 for float64). Under
+    ``torch.autocast`` x, h and weight run in the autocast dtype (float64 excepted), like a convolution.
     """
+    if isinstance(x, Tensor):
+        x, h, weight = _autocast.cast(_autocast.autocast_dtype(x.device.type), x, h, weight)
     v.check_activation("x", x)
     v.check_activation("h", h, x, "x")
     n, c, hh, ww = x.shape

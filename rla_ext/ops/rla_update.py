@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from rla_ext import _backend, _reference
+from rla_ext.ops import _autocast
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _validation as v
 from rla_ext.ops._kernels import empty_activation, forward_with_stats, kernels
@@ -19,9 +20,10 @@ def _fwd(h: Tensor, y: Tensor, out_weight: Tensor, gamma: Tensor, beta: Tensor, 
     """-> (out, s, mean, var); updates running_mean / running_var in place when training."""
     kern = kernels(_OP, backend)
     count = y.shape[0] * y.shape[2] * y.shape[3]
-    return forward_with_stats(
-        lambda m, var: kern.forward(h, y, out_weight, gamma, beta, m, var, rec_weight, pool, eps),
-        running_mean, running_var, training=training, momentum=momentum, count=count, dtype=y.dtype)
+    with _autocast.disabled(y.device.type):
+        return forward_with_stats(
+            lambda m, var: kern.forward(h, y, out_weight, gamma, beta, m, var, rec_weight, pool, eps),
+            running_mean, running_var, training=training, momentum=momentum, count=count, dtype=y.dtype)
 
 
 @_fwd.register_fake
@@ -39,9 +41,10 @@ def _bwd(grad_out: Tensor, h: Tensor, y: Tensor, out_weight: Tensor, gamma: Tens
          rec_weight: Tensor, s: Tensor, mean: Tensor, var: Tensor, pool: bool, eps: float, training: bool,
          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dh, dy, dout_weight, drec_weight, dgamma, dbeta)."""
-    grad_out = v.in_format(grad_out, v.memory_format_of(y))
-    return kernels(_OP, backend).backward(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean, var, pool,
-                                          eps, training)
+    grad_out = v.in_format(grad_out.to(y.dtype), v.memory_format_of(y))
+    with _autocast.disabled(y.device.type):
+        return kernels(_OP, backend).backward(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean, var,
+                                              pool, eps, training)
 
 
 @_bwd.register_fake
@@ -89,8 +92,12 @@ def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | Non
         rec_weight: (k, k, 3, 3) or (k, 9k), the stage's shared 3x3 conv (padding 1, no bias).
         returns: (N, k, H, W), in y's memory format (contiguous or channels_last).
     Args: as ``concat_conv_bn_act`` (training, momentum, eps, backend); pool as above.
-    Dtypes: float16, bfloat16, float32, float64 (statistics in float32, float64 for float64).
+    Dtypes: float16, bfloat16, float32, float64 (statistics in float32, float64 for float64). Under
+    ``torch.autocast`` h, y and both conv weights run in the autocast dtype (float64 excepted).
     """
+    if isinstance(y, Tensor):
+        h, y, out_weight, rec_weight = _autocast.cast(_autocast.autocast_dtype(y.device.type), h, y, out_weight,
+                                                      rec_weight)
     v.check_activation("y", y)
     v.check_activation("h", h, y, "y")
     n, c, hy, wy = y.shape
