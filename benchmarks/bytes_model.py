@@ -1,0 +1,76 @@
+"""How many bytes a fused implementation of each op must move (SPEC §5).
+
+The model counts compulsory traffic: every tensor the op consumes is read once and every tensor it
+produces is written once, where "produces" follows the kernel contract in docs/ARCHITECTURE.md
+(the forward also writes the pre-BN tensor it saves for backward). Re-reads that training-mode
+BatchNorm forces in practice (statistics must be complete before anything is normalised) are
+deliberately left out, so bytes / time is an upper bound on what a kernel can reach and 100% of
+the measured copy bandwidth is unreachable, not a target that was missed.
+
+Per-channel vectors (gamma, beta, statistics) are left out: they are < 0.01% of the traffic at
+every benchmarked shape. Weights are counted, in the activation dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PASSES = ("fwd", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes read and written by one pass."""
+
+    read: int
+    written: int
+
+    @property
+    def total(self) -> int:
+        return self.read + self.written
+
+    def __add__(self, other: "Traffic") -> "Traffic":
+        return Traffic(self.read + other.read, self.written + other.written)
+
+
+def _check_pass(pass_: str) -> None:
+    if pass_ not in PASSES:
+        raise ValueError(f"pass_: expected one of {PASSES}, got {pass_!r}")
+
+
+def concat_conv_bn_act_traffic(n: int, c: int, k: int, c_out: int, hw: int, dtype: torch.dtype,
+                               pass_: str = "fwd") -> Traffic:
+    """Op A on x (n, c, H, W), h (n, k, H, W) -> (n, c_out, H, W), hw = H * W, training mode.
+
+    fwd: read x, h, weight; write out and z (the pre-BN conv output kept for backward).
+    bwd: read grad_out, z, x, h, weight; write dx, dh, dweight.
+    """
+    _check_pass(pass_)
+    e = torch.empty((), dtype=dtype).element_size()
+    x, h, w = n * c * hw * e, n * k * hw * e, c_out * (c + k) * e
+    act_out = n * c_out * hw * e
+    fwd = Traffic(read=x + h + w, written=2 * act_out)
+    if pass_ == "fwd":
+        return fwd
+    return fwd + Traffic(read=2 * act_out + x + h + w, written=x + h + w)
+
+
+def rla_update_traffic(n: int, c: int, k: int, hw: int, dtype: torch.dtype, pass_: str = "fwd",
+                       pool: bool = False) -> Traffic:
+    """Op B on h (n, k, Hh, Wh), y (n, c, H, W) -> (n, k, H, W), hw = H * W, training mode.
+
+    With ``pool`` h has 4 * hw pixels (2x2 average pool). fwd: read h, y, out_weight, rec_weight;
+    write out and s (the pre-BN sum kept for backward). bwd: read grad_out, s, y and both weights;
+    write dh, dy and both weight gradients (h itself is only needed for its shape).
+    """
+    _check_pass(pass_)
+    e = torch.empty((), dtype=dtype).element_size()
+    h = n * k * hw * (4 if pool else 1) * e
+    y = n * c * hw * e
+    w = (k * c + k * k * 9) * e
+    small = n * k * hw * e  # one k-channel activation at the output resolution
+    fwd = Traffic(read=h + y + w, written=2 * small)
+    if pass_ == "fwd":
+        return fwd
+    return fwd + Traffic(read=2 * small + y + w, written=h + y + w)

@@ -1,0 +1,217 @@
+"""One setup function per benchmarked case, shared by the CLI and the pytest-benchmark suites.
+
+A case is a module in training mode plus its inputs and output gradients, built for one
+*provider*: ``eager`` (the ``torch`` reference backend), ``compile`` (torch.compile of the
+reference) or a fused backend name (``cpp``, ``cuda``, ``triton``). Every provider of a case gets
+the same seeded data, so the providers differ only in how the op is computed.
+
+Weights are modules' parameters and running statistics their buffers, as in a real network: that
+is what lets torch.compile treat them as static (CUDA graphs are skipped for mutated plain inputs).
+BatchNorm parameters and statistics stay float32 while activations and conv weights take the
+benchmark dtype, the usual mixed-precision arrangement.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+import rla_ext
+from benchmarks import bytes_model
+from benchmarks.shapes import RLA_CHANNELS, Stage
+
+OPS = ("concat_conv_bn_act", "rla_update")
+PASSES = bytes_model.PASSES
+EAGER, COMPILE = "eager", "compile"
+FUSED_BACKENDS = tuple(b for b in rla_ext.BACKENDS if b != "torch")
+
+
+class CaseUnavailable(RuntimeError):
+    """The case cannot run here (backend missing, model not written yet); the message says why."""
+
+
+def _conv_weight(out_ch: int, in_ch: int, kernel: int = 1) -> nn.Parameter:
+    # He init keeps activations O(1) through BN-free paths, so bf16 runs stay finite.
+    std = math.sqrt(2.0 / (in_ch * kernel * kernel))
+    return nn.Parameter(torch.randn(out_ch, in_ch, kernel, kernel) * std)
+
+
+class _BatchNormState(nn.Module):
+    """The four per-channel BatchNorm tensors the fused ops take as arguments."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bn_weight = nn.Parameter(1.0 + 0.1 * torch.randn(channels))
+        self.bn_bias = nn.Parameter(0.1 * torch.randn(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+
+class ConcatConvBnAct(nn.Module):
+    """Op A as a module: relu(bn(conv1x1(cat(x, h)))) through rla_ext.ops with a fixed backend."""
+
+    def __init__(self, channels: int, k: int, out_channels: int, backend: str) -> None:
+        super().__init__()
+        self.weight = _conv_weight(out_channels, channels + k)
+        self.bn = _BatchNormState(out_channels)
+        self.backend = backend
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        bn = self.bn
+        return rla_ext.ops.concat_conv_bn_act(x, h, self.weight, bn.bn_weight, bn.bn_bias, bn.running_mean,
+                                              bn.running_var, training=self.training, backend=self.backend)
+
+
+class RlaUpdate(nn.Module):
+    """Op B as a module: rec3x3(tanh(bn(pool?(h) + out1x1(y)))) with a fixed backend."""
+
+    def __init__(self, channels: int, k: int, backend: str, pool: bool = False) -> None:
+        super().__init__()
+        self.out_weight = _conv_weight(k, channels)
+        self.rec_weight = _conv_weight(k, k, 3)
+        self.bn = _BatchNormState(k)
+        self.backend = backend
+        self.pool = pool
+
+    def forward(self, h: Tensor, y: Tensor) -> Tensor:
+        bn = self.bn
+        return rla_ext.ops.rla_update(h, y, self.out_weight, bn.bn_weight, bn.bn_bias, bn.running_mean,
+                                      bn.running_var, self.rec_weight, pool=self.pool, training=self.training,
+                                      backend=self.backend)
+
+
+def providers(device: torch.device | str, include_interpreted: bool = False) -> list[str]:
+    """Providers that can run on `device`: eager, compile, then every available fused backend.
+
+    Triton on a CPU only runs through its interpreter, which is a correctness tool, not a
+    performance path, so it is left out unless asked for.
+    """
+    dev = torch.device(device)
+    fused = [b for b in rla_ext.available_backends(dev) if b in FUSED_BACKENDS]
+    if dev.type == "cpu" and not include_interpreted:
+        fused = [b for b in fused if b != "triton"]
+    return [EAGER, COMPILE, *fused]
+
+
+def check_provider(provider: str, device: torch.device) -> str:
+    """The rla_ext backend a provider runs on; raises CaseUnavailable with the reason if it cannot."""
+    if provider in (EAGER, COMPILE):
+        return "torch"
+    if provider not in FUSED_BACKENDS:
+        raise ValueError(f"provider: expected one of {(EAGER, COMPILE) + FUSED_BACKENDS}, got {provider!r}")
+    reason = rla_ext._backend.unavailable_reason(provider, device)
+    if reason is not None:
+        raise CaseUnavailable(reason)
+    return provider
+
+
+def default_compile_mode(device: torch.device) -> str:
+    return "max-autotune" if device.type == "cuda" else "default"
+
+
+def compile_module(module: nn.Module, device: torch.device, mode: str | None = None) -> Callable[..., object]:
+    """torch.compile of `module` from a clean dynamo cache; marks a new step per call under CUDA graphs.
+
+    Resetting dynamo per case keeps earlier cases from using up the recompile limit (after which
+    dynamo silently runs eager). Static shapes: each benchmarked shape gets its own kernels.
+    """
+    import torch._dynamo
+
+    mode = mode or default_compile_mode(device)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, mode=mode, dynamic=False)
+    if device.type != "cuda" or mode not in ("reduce-overhead", "max-autotune"):
+        return compiled
+
+    def step(*args: Tensor) -> object:
+        # CUDA-graph trees otherwise treat a forward whose backward never ran as still pending.
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args)
+
+    return step
+
+
+@dataclass
+class Case:
+    """A ready-to-time case: ``run(pass_)`` gives the zero-argument callable to time."""
+
+    name: str
+    provider: str
+    label: str
+    fn: Callable[..., object]
+    inputs: tuple[Tensor, ...]
+    params: tuple[Tensor, ...]
+    grad_outputs: tuple[Tensor, ...]
+    traffic: Callable[[str], bytes_model.Traffic] | None = None
+    meta: dict[str, object] = field(default_factory=dict)
+
+    def run(self, pass_: str) -> Callable[[], object]:
+        if pass_ not in PASSES:
+            raise ValueError(f"pass_: expected one of {PASSES}, got {pass_!r}")
+        fn, inputs = self.fn, self.inputs
+        if pass_ == "fwd":
+            return lambda: fn(*inputs)
+        wrt = inputs + self.params
+        grads = self.grad_outputs
+
+        def forward_backward() -> object:
+            out = fn(*inputs)
+            outs = out if isinstance(out, tuple) else (out,)
+            return torch.autograd.grad(outs, wrt, grads)
+
+        return forward_backward
+
+    def resident_storages(self) -> set[int]:
+        """Storage addresses of the inputs and parameters, which exist whether or not the op saves them."""
+        return {t.untyped_storage().data_ptr() for t in self.inputs + self.params}
+
+
+def activation(shape: Sequence[int], dtype: torch.dtype, device: torch.device, channels_last: bool,
+               requires_grad: bool = True) -> Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    t = torch.randn(*shape, device=device).to(dtype=dtype, memory_format=fmt)
+    return t.requires_grad_(requires_grad)
+
+
+def prepare(module: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Conv weights in the benchmark dtype, BatchNorm state float32, training mode."""
+    module.to(device)
+    for p in module.parameters():
+        if p.dim() > 1:  # conv weights; 1-D BatchNorm parameters stay float32
+            p.data = p.data.to(dtype)
+    return module.train()
+
+
+def make_op_case(op: str, stage: Stage, provider: str, *, batch: int, dtype: torch.dtype,
+                 device: torch.device | str, channels_last: bool = True, k: int = RLA_CHANNELS,
+                 compile_mode: str | None = None, seed: int = 0) -> Case:
+    """One fused op at one stage shape, training mode, for one provider."""
+    device = torch.device(device)
+    backend = check_provider(provider, device)
+    torch.manual_seed(seed)
+    n, c, s = batch, stage.channels, stage.size
+    if op == "concat_conv_bn_act":
+        module = prepare(ConcatConvBnAct(c, k, stage.width, backend), dtype, device)
+        inputs = (activation((n, c, s, s), dtype, device, channels_last),
+                  activation((n, k, s, s), dtype, device, channels_last))
+        grad_out = activation((n, stage.width, s, s), dtype, device, channels_last, requires_grad=False)
+
+        def traffic(pass_: str) -> bytes_model.Traffic:
+            return bytes_model.concat_conv_bn_act_traffic(n, c, k, stage.width, s * s, dtype, pass_)
+    elif op == "rla_update":
+        module = prepare(RlaUpdate(c, k, backend), dtype, device)
+        inputs = (activation((n, k, s, s), dtype, device, channels_last),
+                  activation((n, c, s, s), dtype, device, channels_last))
+        grad_out = activation((n, k, s, s), dtype, device, channels_last, requires_grad=False)
+
+        def traffic(pass_: str) -> bytes_model.Traffic:
+            return bytes_model.rla_update_traffic(n, c, k, s * s, dtype, pass_)
+    else:
+        raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+    fn = compile_module(module, device, compile_mode) if provider == COMPILE else module
+    return Case(name=op, provider=provider, label=stage.label, fn=fn, inputs=inputs,
+                params=tuple(module.parameters()), grad_outputs=(grad_out,), traffic=traffic,
+                meta={"batch": n, "channels": c, "size": s, "width": stage.width, "k": k})

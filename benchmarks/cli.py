@@ -1,0 +1,349 @@
+"""``python -m benchmarks``: every available backend against eager and torch.compile, on this device.
+
+Rows: both fused ops x stage shapes x {fwd, fwd+bwd} x providers (eager, compile, fused backends),
+then, unless --quick, one RLA-ResNet-50 training step per provider beside a plain ResNet-50.
+Non-compiled providers run first, then compiled ones, then end-to-end, so a --max-minutes budget
+that runs out still leaves the core comparison. Nothing that fails inside a row stops the run: the
+row records the error.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import rla_ext
+from benchmarks import cases, model_step, report, timing
+from benchmarks.shapes import STAGES, Stage, stage_by_label
+
+Row = dict[str, Any]
+PACKAGE_DIR = Path(__file__).resolve().parent
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+QUICK_STAGES = (STAGES[1], STAGES[3])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if visible, else cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--batch", type=int, help="op batch size; default 128 on cuda, 8 on cpu (--quick: 4 / 2)")
+    p.add_argument("--shapes", help="comma-separated stages, e.g. C256xH56,2048 (default: all four; "
+                   "--quick: C512xH28,C2048xH7)")
+    p.add_argument("--ops", default=",".join(cases.OPS), help="comma-separated ops (default: both)")
+    p.add_argument("--passes", default=",".join(cases.PASSES), help="comma-separated: fwd, fwd+bwd")
+    p.add_argument("--providers", help="comma-separated subset of eager, compile, cpp, cuda, triton "
+                   "(default: eager, compile and every fused backend available on the device)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
+    p.add_argument("--compile-mode", help="torch.compile mode (default: max-autotune on cuda, default on cpu)")
+    p.add_argument("--contiguous", action="store_true", help="NCHW-contiguous inputs instead of channels_last")
+    p.add_argument("--warmup", type=int, help="untimed calls before timing on cpu (default 3, --quick 1)")
+    p.add_argument("--repeats", type=int, help="timed calls per row on cpu (default 20, --quick 5)")
+    p.add_argument("--row-budget-s", type=float, default=10.0, help="stop repeating a cpu row after this long")
+    p.add_argument("--quick", action="store_true", help="small batch, two shapes, few repeats, no e2e: "
+                   "a couple of minutes on a laptop-class CPU")
+    e2e = p.add_mutually_exclusive_group()
+    e2e.add_argument("--e2e", action="store_true", help="run the end-to-end training step even with --quick")
+    e2e.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step")
+    e2e.add_argument("--e2e-only", action="store_true", help="only the end-to-end training step")
+    p.add_argument("--e2e-batch", type=int, help="training-step batch (default 128 on cuda, 4 on cpu)")
+    p.add_argument("--image-size", type=int, default=224, help="training-step image size (default 224)")
+    p.add_argument("--e2e-repeats", type=int, help="timed training steps (default 10 on cuda, 3 on cpu)")
+    p.add_argument("--max-minutes", type=float, help="after this long, remaining rows are recorded as skipped "
+                   "(default: none; --quick: 1.25)")
+    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/local/<timestamp>)")
+    p.add_argument("--include-interpreted", action="store_true",
+                   help="also time triton on cpu through its interpreter (very slow)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+class Settings:
+    """The arguments resolved against the device: every default decided in one place."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible")
+        self.device = torch.device(dev)
+        gpu = self.device.type == "cuda"
+        q = args.quick
+        self.quick = q
+        self.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+        self.batch = args.batch or ((4 if q else 128) if gpu else (2 if q else 8))
+        if args.shapes:
+            self.stages: tuple[Stage, ...] = tuple(stage_by_label(s.strip()) for s in args.shapes.split(","))
+        else:
+            self.stages = QUICK_STAGES if q else STAGES
+        self.ops = _choose(args.ops, cases.OPS, "--ops")
+        self.passes = _choose(args.passes, cases.PASSES, "--passes")
+        available = cases.providers(self.device, include_interpreted=args.include_interpreted)
+        if args.providers:
+            self.providers = _choose(args.providers, (cases.EAGER, cases.COMPILE) + cases.FUSED_BACKENDS,
+                                     "--providers")
+        else:
+            self.providers = tuple(available)
+        if args.no_compile:
+            self.providers = tuple(p for p in self.providers if p != cases.COMPILE)
+        self.compile_mode = args.compile_mode or cases.default_compile_mode(self.device)
+        self.channels_last = not args.contiguous
+        self.warmup = args.warmup if args.warmup is not None else (1 if q else 3)
+        self.repeats = args.repeats if args.repeats is not None else (5 if q else 20)
+        self.row_budget_s = args.row_budget_s
+        self.run_ops = not args.e2e_only
+        self.run_e2e = args.e2e or args.e2e_only or not (q or args.no_e2e)
+        self.e2e_batch = args.e2e_batch or (128 if gpu else 4)
+        self.image_size = args.image_size
+        self.e2e_repeats = args.e2e_repeats or (10 if gpu else 3)
+        # --quick promises a couple of minutes even on a loaded machine: later rows give way.
+        minutes = args.max_minutes if args.max_minutes is not None else (1.25 if q else None)
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+        self.progress = not args.no_progress
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def describe(self) -> dict[str, Any]:
+        return {"device_type": self.device.type, "dtype": str(self.dtype).replace("torch.", ""),
+                "batch": self.batch, "shapes": [s.label for s in self.stages], "ops": list(self.ops),
+                "passes": list(self.passes), "providers": list(self.providers), "compile_mode": self.compile_mode,
+                "channels_last": self.channels_last, "warmup": self.warmup, "repeats": self.repeats,
+                "quick": self.quick, "e2e": self.run_e2e, "e2e_batch": self.e2e_batch,
+                "image_size": self.image_size, "e2e_repeats": self.e2e_repeats}
+
+
+def _choose(text: str, allowed: Sequence[str], flag: str) -> tuple[str, ...]:
+    chosen = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in chosen if s not in allowed]
+    if bad or not chosen:
+        raise SystemExit(f"{flag}: expected a comma-separated subset of {tuple(allowed)}, got {text!r}")
+    return chosen
+
+
+def _error_text(e: BaseException) -> str:
+    first = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {first[0] if first else ''}"
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _base_row(kind: str, op: str, pass_: str, shape: str, provider: str, batch: int, cfg: Settings) -> Row:
+    return {"kind": kind, "op": op, "pass": pass_, "shape": shape, "provider": provider, "batch": batch,
+            "dtype": str(cfg.dtype).replace("torch.", ""), "status": "ok", "error": None, "time_ms": None}
+
+
+def run_op_case(op: str, stage: Stage, provider: str, cfg: Settings, bandwidth_gbps: float) -> list[Row]:
+    """Both passes of one (op, stage, provider): one setup (and, for compile, one compilation)."""
+    rows = [_base_row("op", op, p, stage.label, provider, cfg.batch, cfg) for p in cfg.passes]
+    try:
+        case = cases.make_op_case(op, stage, provider, batch=cfg.batch, dtype=cfg.dtype, device=cfg.device,
+                                  channels_last=cfg.channels_last, compile_mode=cfg.compile_mode)
+    except cases.CaseUnavailable as e:
+        for r in rows:
+            r.update(status="unavailable", error=str(e))
+        return rows
+    except Exception as e:
+        for r in rows:
+            r.update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+        return rows
+    saved: int | None | str = None
+    for row in rows:
+        try:
+            fn = case.run(row["pass"])
+            t = timing.time_op(fn, cfg.device, warmup=cfg.warmup, repeats=cfg.repeats, budget_s=cfg.row_budget_s)
+        except Exception as e:
+            row.update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+            continue
+        traffic = case.traffic(row["pass"]) if case.traffic else None
+        row["time_ms"] = t.as_dict()
+        row.update(case.meta)
+        if traffic is not None:
+            gbps = traffic.total / (t.median * 1e-3) / 1e9
+            row.update(bytes_read=traffic.read, bytes_written=traffic.written, bytes_moved=traffic.total,
+                       gbps=gbps, pct_of_copy_bw=100.0 * gbps / bandwidth_gbps if bandwidth_gbps else None)
+        try:
+            row["peak_mem_bytes"] = timing.peak_memory(fn, cfg.device)
+        except Exception as e:
+            row["peak_mem_error"] = _error_text(e)
+        if saved is None:
+            try:
+                saved = timing.saved_for_backward_bytes(case.run("fwd"), case.resident_storages())
+            except Exception as e:
+                saved = _error_text(e)
+        if isinstance(saved, int):
+            row["saved_for_backward_bytes"] = saved
+        else:
+            row["saved_for_backward_error"] = saved
+    del case
+    _free(cfg.device)
+    return rows
+
+
+def run_e2e_case(model: str, provider: str, cfg: Settings) -> Row:
+    name = "rla_resnet50" if model == "rla" else "resnet50"
+    row = _base_row("e2e", name, "train_step", f"{cfg.image_size}px", provider, cfg.e2e_batch, cfg)
+    row["image_size"] = cfg.image_size
+    try:
+        ts = model_step.make_train_step(model, provider, batch=cfg.e2e_batch, dtype=cfg.dtype, device=cfg.device,
+                                        image_size=cfg.image_size, channels_last=cfg.channels_last,
+                                        compile_mode=cfg.compile_mode)
+    except cases.CaseUnavailable as e:
+        row.update(status="unavailable", error=str(e))
+        return row
+    except Exception as e:
+        row.update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+        return row
+    try:
+        warmup = 3 if provider == cases.COMPILE else 2
+        t = timing.time_loop(ts.step, cfg.device, warmup=warmup, repeats=cfg.e2e_repeats)
+        row["time_ms"] = t.as_dict()
+        row["images_per_s"] = ts.batch / (t.median * 1e-3)
+        if cfg.device.type == "cuda":
+            # Whole-step peak, model and optimizer state included: what decides the largest batch that fits.
+            timing.sync(cfg.device)
+            torch.cuda.reset_peak_memory_stats(cfg.device)
+            ts.step()
+            timing.sync(cfg.device)
+            row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(cfg.device)
+    except Exception as e:
+        row.update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+    del ts
+    _free(cfg.device)
+    return row
+
+
+def plan(cfg: Settings) -> list[tuple[str, Callable[[], list[Row]], Callable[[str], list[Row]]]]:
+    """(label, run, skip) per task, in run order: fused/eager first, compile next, end-to-end last."""
+    tasks = []
+    bw: dict[str, float] = {}
+
+    def op_task(op: str, stage: Stage, provider: str):
+        def skip(reason: str) -> list[Row]:
+            rows = [_base_row("op", op, p, stage.label, provider, cfg.batch, cfg) for p in cfg.passes]
+            for r in rows:
+                r.update(status="skipped", error=reason)
+            return rows
+        return (f"{op} {stage.label} {provider}", lambda: run_op_case(op, stage, provider, cfg, bw["gbps"]), skip)
+
+    if cfg.run_ops:
+        for compiled in (False, True):
+            for op in cfg.ops:
+                for stage in cfg.stages:
+                    for provider in cfg.providers:
+                        if (provider == cases.COMPILE) == compiled:
+                            tasks.append(op_task(op, stage, provider))
+    if cfg.run_e2e:
+        e2e_providers = [p for p in cfg.providers if p != cases.COMPILE] + (
+            [cases.COMPILE] if cases.COMPILE in cfg.providers else [])
+        pairs = [("plain", cases.EAGER)] + [("rla", p) for p in e2e_providers]
+        for model, provider in pairs:
+            def skip(reason: str, model=model, provider=provider) -> list[Row]:
+                name = "rla_resnet50" if model == "rla" else "resnet50"
+                row = _base_row("e2e", name, "train_step", f"{cfg.image_size}px", provider, cfg.e2e_batch, cfg)
+                row.update(status="skipped", error=reason, image_size=cfg.image_size)
+                return [row]
+            tasks.append((f"e2e {model} {provider}",
+                          lambda model=model, provider=provider: [run_e2e_case(model, provider, cfg)], skip))
+    return tasks, bw
+
+
+def _sort_key(cfg: Settings) -> Callable[[Row], tuple]:
+    order = {p: i for i, p in enumerate((cases.EAGER, cases.COMPILE) + cases.FUSED_BACKENDS)}
+    shapes = {s.label: i for i, s in enumerate(STAGES)}
+    ops = {o: i for i, o in enumerate(cases.OPS)}
+    return lambda r: (r["kind"] != "op", ops.get(r["op"], 9), r["pass"], shapes.get(r["shape"], 9),
+                      order.get(r["provider"], 9))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> dict[str, Any]:
+    root = PACKAGE_DIR.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def metadata(cfg: Settings, argv: Sequence[str] | None) -> dict[str, Any]:
+    triton_version = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        pass
+    return {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "device_name": device_name(cfg.device), "torch_version": torch.__version__,
+            "triton_version": triton_version, "python": platform.python_version(), **git_commit(),
+            "build_info": rla_ext.build_info(),
+            "argv": list(sys.argv[1:] if argv is None else argv), **cfg.describe()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = Settings(args)
+    started = time.monotonic()
+    out = args.out or PACKAGE_DIR / "results" / "local" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = metadata(cfg, argv)
+    tasks, bw = plan(cfg)
+    bw.update(timing.copy_bandwidth(cfg.device))
+    meta["copy_bandwidth"] = dict(bw)
+
+    from tqdm import tqdm
+
+    rows: list[Row] = []
+    bar = tqdm(tasks, disable=not cfg.progress, unit="case", file=sys.stderr, dynamic_ncols=True)
+    for label, run, skip in bar:
+        bar.set_description(label)
+        if cfg.out_of_time():
+            rows += skip("time budget (--max-minutes) used up")
+            continue
+        rows += run()
+    bar.close()
+    rows.sort(key=_sort_key(cfg))
+    report.add_speedups(rows)
+    meta["wall_s"] = round(time.monotonic() - started, 1)
+    report.write_json(out / "results.json", meta, rows)
+    table = report.markdown(meta, rows)
+    (out / "results.md").write_text(table)
+    try:
+        report.plot(out / "speedup.png", meta, rows)
+    except Exception as e:  # a missing plot must not cost the data
+        print(f"plot failed: {_error_text(e)}", file=sys.stderr)
+    print(table)
+    print(f"results in {out} ({meta['wall_s']} s)")
+    return 0

@@ -1,0 +1,142 @@
+"""Writing a run's results: results.json (the data), results.md (tables) and speedup.png."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+
+
+def add_speedups(rows: Sequence[Row]) -> None:
+    """Fill speedup_vs_eager / speedup_vs_compile from the eager and compile rows of the same case."""
+    def key(r: Row) -> tuple:
+        return (r["kind"], r["op"], r["pass"], r["shape"], r["dtype"], r["batch"])
+
+    ref: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r["provider"] in ("eager", "compile"):
+            ref.setdefault(key(r), {})[r["provider"]] = r["time_ms"]["median"]
+    for r in rows:
+        base = ref.get(key(r), {})
+        t = r["time_ms"]["median"] if r["status"] == "ok" else None
+        for provider in ("eager", "compile"):
+            b = base.get(provider)
+            r[f"speedup_vs_{provider}"] = b / t if (b is not None and t) else None
+
+
+def write_json(path: Path, meta: dict[str, Any], rows: Sequence[Row]) -> None:
+    path.write_text(json.dumps({**meta, "rows": list(rows)}, indent=2, default=str) + "\n")
+
+
+def _f(value: float | None, fmt: str) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def _mb(nbytes: float | None) -> str:
+    return _f(None if nbytes is None else nbytes / 2**20, ".1f")
+
+
+def _note(r: Row) -> str:
+    if r["status"] == "ok":
+        return ""
+    text = " ".join(str(r.get("error") or "").split())
+    return f"{r['status']}: {text[:120]}" + ("..." if len(text) > 120 else "")
+
+
+def markdown(meta: dict[str, Any], rows: Sequence[Row]) -> str:
+    """Two tables, ops then end-to-end, preceded by the run's device, settings and copy bandwidth."""
+    bw = meta.get("copy_bandwidth", {})
+    mem_col = "peak MB" if meta.get("device_type") == "cuda" else "saved MB"
+    lines = [
+        f"# rla_ext benchmarks: {meta.get('device_name')}",
+        "",
+        f"{meta.get('date')} · commit {str(meta.get('git_commit'))[:12]} · torch {meta.get('torch_version')} · "
+        f"triton {meta.get('triton_version')} · dtype {meta.get('dtype')} · batch {meta.get('batch')} · "
+        f"channels_last {meta.get('channels_last')} · compile mode {meta.get('compile_mode')}",
+        "",
+        f"Copy bandwidth (clone of {_mb(bw.get('bytes'))} MB): {_f(bw.get('gbps'), '.1f')} GB/s. "
+        "MB moved = compulsory traffic of a fused implementation (benchmarks/bytes_model.py); "
+        "% BW = achieved / copy bandwidth. "
+        + ("peak MB = device memory one call needs beyond what was allocated before it; "
+           if meta.get("device_type") == "cuda" else "")
+        + "saved MB = tensors autograd keeps for backward, inputs and parameters excluded.",
+        "",
+        f"| op | pass | shape | provider | median ms | IQR ms | vs eager | vs compile | MB moved | GB/s | % BW "
+        f"| {mem_col} | note |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if r["kind"] != "op":
+            continue
+        t = r.get("time_ms") or {}
+        iqr = (t["q75"] - t["q25"]) if t else None
+        mem = r.get("peak_mem_bytes") if meta.get("device_type") == "cuda" else r.get("saved_for_backward_bytes")
+        lines.append(
+            f"| {r['op']} | {r['pass']} | {r['shape']} | {r['provider']} | {_f(t.get('median'), '.3f')} | "
+            f"{_f(iqr, '.3f')} | {_f(r.get('speedup_vs_eager'), '.2f')} | {_f(r.get('speedup_vs_compile'), '.2f')} | "
+            f"{_mb(r.get('bytes_moved'))} | {_f(r.get('gbps'), '.1f')} | {_f(r.get('pct_of_copy_bw'), '.1f')} | "
+            f"{_mb(mem)} | {_note(r)} |")
+    e2e = [r for r in rows if r["kind"] == "e2e"]
+    if e2e:
+        lines += ["", "## End to end: one training step (forward, backward, SGD step)", "",
+                  "| model | provider | batch | image | median ms | IQR ms | images/s | vs eager | vs compile "
+                  "| peak MB | note |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in e2e:
+            t = r.get("time_ms") or {}
+            iqr = (t["q75"] - t["q25"]) if t else None
+            lines.append(
+                f"| {r['op']} | {r['provider']} | {r['batch']} | {r.get('image_size', '')} | "
+                f"{_f(t.get('median'), '.1f')} | {_f(iqr, '.1f')} | {_f(r.get('images_per_s'), '.1f')} | "
+                f"{_f(r.get('speedup_vs_eager'), '.2f')} | {_f(r.get('speedup_vs_compile'), '.2f')} | "
+                f"{_mb(r.get('peak_mem_bytes'))} | {_note(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, meta: dict[str, Any], rows: Sequence[Row]) -> None:
+    """Speedup over eager per shape and provider, one panel per (op, pass); e2e images/s if present."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = list(dict.fromkeys((r["op"], r["pass"]) for r in rows if r["kind"] == "op"))
+    e2e = [r for r in rows if r["kind"] == "e2e" and r["status"] == "ok"]
+    ncols = 2
+    nrows = max(1, math.ceil(len(ops) / ncols)) + (1 if e2e else 0)
+    fig = plt.figure(figsize=(6 * ncols, 3.6 * nrows))
+    grid = fig.add_gridspec(nrows, ncols)
+    for i, (op, pass_) in enumerate(ops):
+        ax = fig.add_subplot(grid[i // ncols, i % ncols])
+        sel = [r for r in rows if r["kind"] == "op" and r["op"] == op and r["pass"] == pass_]
+        shapes = list(dict.fromkeys(r["shape"] for r in sel))
+        providers = [p for p in dict.fromkeys(r["provider"] for r in sel) if p != "eager"]
+        width = 0.8 / max(1, len(providers))
+        for j, provider in enumerate(providers):
+            vals = []
+            for shape in shapes:
+                match = [r for r in sel if r["shape"] == shape and r["provider"] == provider]
+                s = match[0].get("speedup_vs_eager") if match else None
+                vals.append(s if s is not None else math.nan)  # no bar: failed, skipped or missing
+            xs = [x + (j - (len(providers) - 1) / 2) * width for x in range(len(shapes))]
+            ax.bar(xs, vals, width=width, label=provider)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")  # 2x faster and 2x slower should look equally far from 1
+        ax.set_xticks(range(len(shapes)), shapes)
+        ax.set_title(f"{op} {pass_}")
+        ax.set_ylabel("speedup vs eager")
+        if providers:
+            ax.legend(fontsize=8)
+    if e2e:
+        ax = fig.add_subplot(grid[nrows - 1, :])
+        labels = [f"{r['op']}\n{r['provider']}" for r in e2e]
+        ax.bar(range(len(e2e)), [r.get("images_per_s") or 0.0 for r in e2e])
+        ax.set_xticks(range(len(e2e)), labels, fontsize=8)
+        ax.set_ylabel("images/s (train step)")
+    fig.suptitle(f"{meta.get('device_name')} · {meta.get('dtype')} · batch {meta.get('batch')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
