@@ -110,8 +110,8 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
 
 def empty_act(like: torch.Tensor, c: int, h: int, w: int, fmt: torch.memory_format, *, zero: bool = False):
     shape = (like.shape[0], c, h, w)
-    make = torch.zeros if zero else torch.empty
-    return make(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+    t = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+    return t.zero_() if zero else t
 
 
 @triton.jit
