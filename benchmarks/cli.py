@@ -58,7 +58,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     e2e.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step")
     e2e.add_argument("--e2e-only", action="store_true", help="only the end-to-end training step")
     p.add_argument("--e2e-batch", type=int, help="training-step batch (default 128 on cuda, 4 on cpu)")
-    p.add_argument("--image-size", type=int, default=224, help="training-step image size (default 224)")
+    p.add_argument("--image-size", type=int, help="training-step image size, a multiple of 64 "
+                   "(default 224 on cuda, 128 on cpu)")
     p.add_argument("--e2e-repeats", type=int, help="timed training steps (default 10 on cuda, 3 on cpu)")
     p.add_argument("--max-minutes", type=float, help="after this long, remaining rows are recorded as skipped "
                    "(default: none; --quick: 1.25)")
@@ -104,7 +105,7 @@ class Settings:
         self.run_ops = not args.e2e_only
         self.run_e2e = args.e2e or args.e2e_only or not (q or args.no_e2e)
         self.e2e_batch = args.e2e_batch or (128 if gpu else 4)
-        self.image_size = args.image_size
+        self.image_size = args.image_size or (224 if gpu else 128)
         self.e2e_repeats = args.e2e_repeats or (10 if gpu else 3)
         # --quick promises a couple of minutes even on a loaded machine: later rows give way.
         minutes = args.max_minutes if args.max_minutes is not None else (1.25 if q else None)

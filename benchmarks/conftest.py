@@ -1,0 +1,121 @@
+"""pytest-benchmark suites (``make bench-suite`` = ``pytest -q benchmarks --benchmark-only``).
+
+Configured by environment variables, so the same command works on the CPU machines and the GPU:
+  RLA_BENCH_DEVICE   cuda | cpu (default: cuda if visible)
+  RLA_BENCH_DTYPES   comma list (default: bfloat16 on cuda, float32 on cpu)
+  RLA_BENCH_BATCH    op/block batch (default: 128 on cuda, 2 on cpu)
+  RLA_BENCH_SHAPES   comma list of stages (default: all four RLA-ResNet-50 stages)
+  RLA_BENCH_ROUNDS   timed rounds per case (default: 20 on cuda, 3 on cpu)
+  RLA_BENCH_MODEL_COMPILE=1  also compile the whole model on cpu (several minutes)
+Every provider is parametrised; those that cannot run here are skipped with the reason.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from benchmarks import cases
+from benchmarks.cli import DTYPES
+from benchmarks.shapes import STAGES, stage_by_label
+
+ALL_PROVIDERS = (cases.EAGER, cases.COMPILE) + cases.FUSED_BACKENDS
+
+
+def bench_device() -> torch.device:
+    name = os.environ.get("RLA_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _gpu() -> bool:
+    return bench_device().type == "cuda"
+
+
+def bench_dtypes() -> list[torch.dtype]:
+    text = os.environ.get("RLA_BENCH_DTYPES") or ("bfloat16" if _gpu() else "float32")
+    return [DTYPES[d.strip()] for d in text.split(",") if d.strip()]
+
+
+def bench_batch() -> int:
+    return int(os.environ.get("RLA_BENCH_BATCH") or (128 if _gpu() else 2))
+
+
+def bench_rounds() -> int:
+    return int(os.environ.get("RLA_BENCH_ROUNDS") or (20 if _gpu() else 3))
+
+
+def bench_stages():
+    text = os.environ.get("RLA_BENCH_SHAPES")
+    return [stage_by_label(s.strip()) for s in text.split(",")] if text else list(STAGES)
+
+
+def _id(value: object) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    return getattr(value, "label", None) or str(value)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One parametrisation over the axes a test asks for, with ``pass_`` varying fastest.
+
+    Neighbouring tests then share everything but the pass, so ``case_cache`` builds (and compiles)
+    each case once for both passes.
+    """
+    axes = {"op": list(cases.OPS), "stage": bench_stages(), "provider": list(ALL_PROVIDERS),
+            "dtype": bench_dtypes(), "pass_": list(cases.PASSES)}
+    names = [n for n in axes if n in metafunc.fixturenames]
+    if not names:
+        return
+    combos = list(itertools.product(*(axes[n] for n in names)))
+    metafunc.parametrize(",".join(names), combos, ids=["-".join(_id(v) for v in c) for c in combos])
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return bench_device()
+
+
+@pytest.fixture(scope="session")
+def case_cache() -> Iterator[Callable[[tuple, Callable[[], object]], object]]:
+    """get(key, build): the last built case if its key matches, else a fresh one (skipping if unavailable)."""
+    slot: dict[str, object] = {}
+
+    def get(key: tuple, build: Callable[[], object]) -> object:
+        if slot.get("key") != key:
+            slot.clear()
+            if bench_device().type == "cuda":
+                torch.cuda.empty_cache()
+            try:
+                slot["value"] = build()
+            except cases.CaseUnavailable as e:
+                slot["value"] = e
+            slot["key"] = key
+        value = slot["value"]
+        if isinstance(value, cases.CaseUnavailable):
+            pytest.skip(str(value))
+        return value
+
+    yield get
+    slot.clear()
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """`fn` made synchronous, so pytest-benchmark's wall clock sees the GPU work."""
+    if device.type != "cuda":
+        return fn
+
+    def call() -> None:
+        fn()
+        torch.cuda.synchronize(device)
+
+    return call
+
+
+def run_benchmark(benchmark, fn: Callable[[], object], device: torch.device, rounds: int | None = None,
+                  warmup_rounds: int = 2) -> None:
+    """pedantic mode: warmup outside the timing (compilation happens there), fixed rounds."""
+    benchmark.pedantic(timed(fn, device), rounds=rounds or bench_rounds(), iterations=1,
+                       warmup_rounds=warmup_rounds)
