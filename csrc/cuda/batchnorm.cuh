@@ -261,9 +261,9 @@ struct ReducePlan {
 template <bool CL>
 inline ReducePlan make_reduce_plan(int64_t C, int64_t M) {
   using S = ReduceShape<CL>;
-  constexpr int64_t kTargetBlocks = 2048;
+  constexpr int64_t kTargetBlocks = 1024;  // ~8 resident blocks on each of ~132 SMs
   constexpr int64_t kMinRowsPerThread = 4;
-  constexpr int64_t kMaxChunks = 4096;
+  constexpr int64_t kMaxChunks = 1024;
   ReducePlan plan;
   plan.channel_blocks = ceil_div(C, S::TX);
   int64_t chunks = ceil_div(kTargetBlocks, plan.channel_blocks);
@@ -306,17 +306,30 @@ __global__ void channel_partials_kernel(Producer prod, State* __restrict__ parti
   if (ty == 0 && c < C) partials[chunk * C + c] = sh[0][tx];
 }
 
-// One thread per channel combines that channel's partials in chunk order, in double (the partial
-// counts can exceed 2^24, where float stops counting exactly), then hands the result to `epi(c, s)`.
+// One block per channel combines that channel's partials: thread t takes chunks t, t + 256, ... in
+// order, then a fixed shared-memory tree joins the threads, so the result does not depend on timing.
+// Combination runs in double: the partial counts can exceed 2^24, where float stops counting exactly.
+constexpr int kFinalizeThreads = 256;
+
 template <typename State, typename Epilogue>
 __global__ void channel_finalize_kernel(const State* __restrict__ partials, int64_t chunks, int64_t C,
                                         Epilogue epi) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
   using Wide = decltype(partials[0].template widen<double>());
-  Wide total = Wide::identity();
-  for (int64_t j = 0; j < chunks; ++j) total = Wide::combine(total, partials[j * C + c].template widen<double>());
-  epi(c, total);
+  const int64_t c = blockIdx.x;
+  const int tid = threadIdx.x;
+  Wide acc = Wide::identity();
+  for (int64_t j = tid; j < chunks; j += kFinalizeThreads) {
+    acc = Wide::combine(acc, partials[j * C + c].template widen<double>());
+  }
+  __shared__ Wide sh[kFinalizeThreads];
+  sh[tid] = acc;
+  __syncthreads();
+#pragma unroll
+  for (int s = kFinalizeThreads / 2; s > 0; s >>= 1) {
+    if (tid < s) sh[tid] = Wide::combine(sh[tid], sh[tid + s]);
+    __syncthreads();
+  }
+  if (tid == 0) epi(c, sh[0]);
 }
 
 // Runs partials + finalize. State is templated on its accumulator; `acc_opts` allocates the partials.
@@ -326,7 +339,7 @@ inline void reduce_channels(const Producer& prod, const Epilogue& epi, int64_t C
   using State = StateT<acc_t>;
   static_assert(sizeof(State) == State::kFields * sizeof(acc_t), "state must be a packed array of acc_t");
   const ReducePlan plan = make_reduce_plan<CL>(C, M);
-  TORCH_CHECK(plan.channel_blocks <= INT32_MAX, "rla_ext: too many channels for one reduction grid");
+  TORCH_CHECK(C <= INT32_MAX, "rla_ext: too many channels for one reduction grid");
   at::Tensor partials = at::empty({plan.chunks, C, State::kFields}, acc_opts);
   State* part = reinterpret_cast<State*>(partials.data_ptr<acc_t>());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -334,9 +347,8 @@ inline void reduce_channels(const Producer& prod, const Epilogue& epi, int64_t C
   const dim3 grid(static_cast<unsigned>(plan.channel_blocks), static_cast<unsigned>(plan.chunks));
   channel_partials_kernel<CL, State><<<grid, block, 0, stream>>>(prod, part, C, HW, M, plan.rows_per_chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int threads = 128;
-  channel_finalize_kernel<State><<<static_cast<unsigned>(ceil_div(C, threads)), threads, 0, stream>>>(
-      part, plan.chunks, C, epi);
+  channel_finalize_kernel<State><<<static_cast<unsigned>(C), kFinalizeThreads, 0, stream>>>(part, plan.chunks, C,
+                                                                                             epi);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
