@@ -1,0 +1,114 @@
+// Helpers shared by the CPU kernels: the memory-format rule of the contract, argument checks that
+// name the argument, and the 1x1-conv GEMMs on an activation in either memory format.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+
+#include "cpu/batchnorm.h"
+
+namespace rla_ext::cpu {
+
+// The contract's rule (same as rla_ext/ops/_validation.py: memory_format_of).
+inline at::MemoryFormat memory_format_of(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous() ? at::MemoryFormat::ChannelsLast
+                                                                              : at::MemoryFormat::Contiguous;
+}
+
+inline ChannelLayout layout_of(const at::Tensor& t, at::MemoryFormat fmt) {
+  return {t.size(0), t.size(1), t.size(2) * t.size(3), fmt == at::MemoryFormat::ChannelsLast};
+}
+
+inline at::ScalarType stat_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_activation(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                             const char* ref_name) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
+              ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.numel() > 0, op, ": ", name, " must be non-empty, got shape ", t.sizes());
+}
+
+inline void check_weight(const char* op, const char* name, const at::Tensor& w, at::IntArrayRef shape,
+                         const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(w.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", w.sizes());
+  TORCH_CHECK(w.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", w.device());
+  TORCH_CHECK(w.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
+              ref.scalar_type(), "), got ", w.scalar_type());
+}
+
+// gamma, beta, mean, var: 1-D, `channels` values, stat dtype.
+inline void check_stat(const char* op, const char* name, const at::Tensor& t, int64_t channels,
+                       at::ScalarType sd) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": ", name, " must be 1-D with ", channels,
+              " values, got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == sd, op, ": ", name, " must be in the statistics dtype ", sd,
+              " (float64 for float64 activations, else float32), got ", t.scalar_type());
+}
+
+// (mean, var) for the forward: batch statistics when both are None (training), else checked
+// copies of the given ones (eval). Copies, because a custom op must not return its inputs.
+struct StatInputs {
+  at::Tensor mean, var;
+  bool training;
+};
+inline StatInputs stat_inputs(const char* op, const c10::optional<at::Tensor>& mean,
+                              const c10::optional<at::Tensor>& var, int64_t channels, at::ScalarType sd) {
+  const bool has_mean = mean.has_value() && mean->defined();
+  const bool has_var = var.has_value() && var->defined();
+  TORCH_CHECK(has_mean == has_var, op, ": mean and var must be given together (eval) or both be None (training)");
+  if (!has_mean) {
+    auto opts = at::TensorOptions().dtype(sd);
+    return {at::empty({channels}, opts), at::empty({channels}, opts), true};
+  }
+  check_stat(op, "mean", *mean, channels, sd);
+  check_stat(op, "var", *var, channels, sd);
+  return {mean->contiguous().clone(), var->contiguous().clone(), false};
+}
+
+// An activation as the GEMM sees it: channels_last as an (N*H*W, C) matrix, NCHW as (N, C, H*W).
+inline at::Tensor pixel_matrix(const at::Tensor& t) {
+  return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
+}
+inline at::Tensor plane_batch(const at::Tensor& t) { return t.view({t.size(0), t.size(1), -1}); }
+
+// out[n, :, p] (+)= w @ in[n, :, p] for every pixel p: a 1x1 conv, out and in in format `fmt`.
+inline void conv1x1(at::Tensor& out, const at::Tensor& w, const at::Tensor& in, bool cl, bool accumulate) {
+  if (cl) {
+    at::Tensor o = pixel_matrix(out);
+    o.addmm_(pixel_matrix(in), w.t(), accumulate ? 1 : 0);
+    return;
+  }
+  at::Tensor o = plane_batch(out), i = plane_batch(in);
+  for (int64_t n = 0; n < out.size(0); ++n) {
+    at::Tensor on = o.select(0, n);
+    on.addmm_(w, i.select(0, n), accumulate ? 1 : 0);
+  }
+}
+
+// dw (a (Cout, Cin) matrix, possibly a column slice of a wider one) = sum over pixels of
+// dout[:, p] in[:, p]^T; batches are added in order, so the result is deterministic.
+inline void conv1x1_weight_grad(at::Tensor dw, const at::Tensor& dout, const at::Tensor& in, bool cl) {
+  if (cl) {
+    at::mm_out(dw, pixel_matrix(dout).t(), pixel_matrix(in));
+    return;
+  }
+  at::Tensor d = plane_batch(dout), i = plane_batch(in);
+  for (int64_t n = 0; n < dout.size(0); ++n) dw.addmm_(d.select(0, n), i.select(0, n).t(), n == 0 ? 0 : 1);
+}
+
+// The input gradient of a 1x1 conv: w^T @ dout per pixel, returned in format `fmt`.
+inline at::Tensor conv1x1_input_grad(const at::Tensor& dout, const at::Tensor& w, at::MemoryFormat fmt) {
+  at::Tensor din = at::empty({dout.size(0), w.size(1), dout.size(2), dout.size(3)},
+                             dout.options().memory_format(fmt));
+  conv1x1(din, w.t(), dout, fmt == at::MemoryFormat::ChannelsLast, false);
+  return din;
+}
+
+}  // namespace rla_ext::cpu

@@ -1,0 +1,117 @@
+// Op A on CPU: act(bn(W @ cat(x, h))) without building cat(x, h). The 1x1 conv is two GEMMs that
+// accumulate into z (x's columns of W, then h's); BatchNorm and the activation are fused passes
+// from cpu/batchnorm.h. Contract: docs/ARCHITECTURE.md.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "cpu/batchnorm.h"
+#include "cpu/common.h"
+
+namespace rla_ext::cpu {
+namespace {
+
+constexpr const char* kOp = "concat_conv_bn_act";
+
+void check_inputs(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& gamma,
+                  const at::Tensor& beta) {
+  check_activation(kOp, "x", x, x, "x");
+  check_activation(kOp, "h", h, x, "x");
+  TORCH_CHECK(h.size(0) == x.size(0) && h.size(2) == x.size(2) && h.size(3) == x.size(3), kOp,
+              ": h must be (N, k, H, W) with N, H, W of x ", x.sizes(), ", got ", h.sizes());
+  TORCH_CHECK(weight.dim() == 2, kOp, ": weight must be a 2-D (C_out, C + k) matrix, got shape ", weight.sizes());
+  check_weight(kOp, "weight", weight, {weight.size(0), x.size(1) + h.size(1)}, x, "x");
+  const auto sd = stat_dtype(x.scalar_type());
+  check_stat(kOp, "gamma", gamma, weight.size(0), sd);
+  check_stat(kOp, "beta", beta, weight.size(0), sd);
+}
+
+// Runs `body` with Act = ActRelu or ActIdentity.
+template <typename F>
+void with_act(bool relu, const F& body) {
+  if (relu) body(ActRelu{});
+  else body(ActIdentity{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& weight, const at::Tensor& gamma,
+    const at::Tensor& beta, const c10::optional<at::Tensor>& mean_in, const c10::optional<at::Tensor>& var_in,
+    double eps, bool relu) {
+  check_inputs(x_in, h_in, weight, gamma, beta);
+  const auto fmt = memory_format_of(x_in);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt), w = weight.contiguous();
+  const int64_t C = x.size(1), k = h.size(1), Co = w.size(0);
+  at::Tensor z = at::empty({x.size(0), Co, x.size(2), x.size(3)}, x.options().memory_format(fmt));
+  conv1x1(z, w.narrow(1, 0, C), x, cl, false);
+  conv1x1(z, w.narrow(1, C, k), h, cl, true);
+
+  StatInputs st = stat_inputs(kOp, mean_in, var_in, Co, stat_dtype(x.scalar_type()));
+  const at::Tensor g = gamma.contiguous(), b = beta.contiguous();
+  at::Tensor out = at::empty_like(z);
+  const ChannelLayout L = layout_of(z, fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_conv_bn_act_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (st.training) batch_stats(z.const_data_ptr<scalar_t>(), L, st.mean.data_ptr<acc_t>(), st.var.data_ptr<acc_t>());
+    with_act(relu, [&](auto act) {
+      normalize_act<decltype(act)>(z.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), L,
+                                   st.mean.const_data_ptr<acc_t>(), st.var.const_data_ptr<acc_t>(),
+                                   g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps);
+    });
+  });
+  return {out, z, st.mean, st.var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& weight,
+    const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& z_in, const at::Tensor& mean,
+    const at::Tensor& var, double eps, bool relu, bool training) {
+  check_inputs(x_in, h_in, weight, gamma, beta);
+  const int64_t C = x_in.size(1), k = h_in.size(1), Co = weight.size(0);
+  const std::vector<int64_t> zshape{x_in.size(0), Co, x_in.size(2), x_in.size(3)};
+  check_activation(kOp, "z", z_in, x_in, "x");
+  TORCH_CHECK(z_in.sizes() == at::IntArrayRef(zshape), kOp, ": z must have shape ", zshape, ", got ", z_in.sizes());
+  check_activation(kOp, "grad_out", grad_out, x_in, "x");
+  TORCH_CHECK(grad_out.sizes() == z_in.sizes(), kOp, ": grad_out must have shape ", z_in.sizes(), ", got ",
+              grad_out.sizes());
+  const auto sd = stat_dtype(x_in.scalar_type());
+  check_stat(kOp, "mean", mean, Co, sd);
+  check_stat(kOp, "var", var, Co, sd);
+
+  const auto fmt = memory_format_of(x_in);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt), w = weight.contiguous();
+  const at::Tensor z = z_in.contiguous(fmt), go = grad_out.contiguous(fmt);
+  const at::Tensor m = mean.contiguous(), v = var.contiguous(), g = gamma.contiguous(), b = beta.contiguous();
+  at::Tensor dz = at::empty_like(z);
+  at::Tensor dgamma = at::empty({Co}, g.options()), dbeta = at::empty({Co}, g.options());
+  const ChannelLayout L = layout_of(z, fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_conv_bn_act_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_act(relu, [&](auto act) {
+      bn_act_backward<decltype(act)>(go.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
+                                     dz.data_ptr<scalar_t>(), L, m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(),
+                                     g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps, training,
+                                     dgamma.data_ptr<acc_t>(), dbeta.data_ptr<acc_t>());
+    });
+  });
+
+  at::Tensor dx = conv1x1_input_grad(dz, w.narrow(1, 0, C), fmt);
+  at::Tensor dh = conv1x1_input_grad(dz, w.narrow(1, C, k), fmt);
+  at::Tensor dw = at::empty({Co, C + k}, w.options());
+  conv1x1_weight_grad(dw.narrow(1, 0, C), dz, x, cl);
+  conv1x1_weight_grad(dw.narrow(1, C, k), dz, h, cl);
+  return {dx, dh, dw, dgamma, dbeta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rla_ext, CPU, m) {
+  m.impl("concat_conv_bn_act_kernel_fwd", &forward);
+  m.impl("concat_conv_bn_act_kernel_bwd", &backward);
+}
+
+}  // namespace rla_ext::cpu

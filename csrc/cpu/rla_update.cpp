@@ -1,0 +1,177 @@
+// Op B on CPU: out = conv3x3(tanh(bn(pool?(h) + W_out @ y))). The pooled h is written straight into
+// s and the 1x1 GEMM accumulates onto it; BatchNorm + tanh is one fused pass (cpu/batchnorm.h);
+// the k->k 3x3 conv is ATen's. Backward recomputes a = tanh(bn(s)) instead of saving it.
+// Contract: docs/ARCHITECTURE.md.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "cpu/batchnorm.h"
+#include "cpu/common.h"
+
+namespace rla_ext::cpu {
+namespace {
+
+constexpr const char* kOp = "rla_update";
+
+void check_inputs(const at::Tensor& h, const at::Tensor& y, const at::Tensor& out_weight, const at::Tensor& gamma,
+                  const at::Tensor& beta, const at::Tensor& rec_weight, bool pool) {
+  check_activation(kOp, "y", y, y, "y");
+  check_activation(kOp, "h", h, y, "y");
+  const int64_t k = h.size(1);
+  const int64_t hh = pool ? h.size(2) / 2 : h.size(2), hw = pool ? h.size(3) / 2 : h.size(3);
+  TORCH_CHECK(h.size(0) == y.size(0) && hh == y.size(2) && hw == y.size(3), kOp, ": h ", h.sizes(),
+              " does not match y ", y.sizes(), pool ? " (with pool, h's H, W halved (floor) must equal y's)"
+                                                    : " (N, H, W must be equal)");
+  check_weight(kOp, "out_weight", out_weight, {k, y.size(1)}, y, "y");
+  check_weight(kOp, "rec_weight", rec_weight, {k, k, 3, 3}, y, "y");
+  const auto sd = stat_dtype(y.scalar_type());
+  check_stat(kOp, "gamma", gamma, k, sd);
+  check_stat(kOp, "beta", beta, k, sd);
+}
+
+// Visits every 2x2 window of pooling `big` (N, k, Hb, Wb) down to (N, k, H, W): f(dst, src0..src3)
+// with dst the linear offset in the small tensor and src* those of the window in the big one.
+// Rows/columns of `big` beyond 2H / 2W (floor mode) are never visited.
+template <typename F>
+void for_each_window(const at::Tensor& big, const at::Tensor& small, bool cl, const F& f) {
+  const int64_t N = small.size(0), K = small.size(1), H = small.size(2), W = small.size(3);
+  const int64_t Hb = big.size(2), Wb = big.size(3);
+  at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / H, i = r % H;
+      if (cl) {
+        for (int64_t j = 0; j < W; ++j) {
+          const int64_t dst = ((n * H + i) * W + j) * K;
+          const int64_t s0 = ((n * Hb + 2 * i) * Wb + 2 * j) * K, s1 = s0 + K, s2 = s0 + Wb * K, s3 = s2 + K;
+          for (int64_t c = 0; c < K; ++c) f(dst + c, s0 + c, s1 + c, s2 + c, s3 + c);
+        }
+      } else {
+        for (int64_t c = 0; c < K; ++c) {
+          const int64_t dst = ((n * K + c) * H + i) * W;
+          const int64_t s0 = ((n * K + c) * Hb + 2 * i) * Wb;
+          for (int64_t j = 0; j < W; ++j)
+            f(dst + j, s0 + 2 * j, s0 + 2 * j + 1, s0 + Wb + 2 * j, s0 + Wb + 2 * j + 1);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& h_in, const at::Tensor& y_in, const at::Tensor& out_weight, const at::Tensor& gamma,
+    const at::Tensor& beta, const c10::optional<at::Tensor>& mean_in, const c10::optional<at::Tensor>& var_in,
+    const at::Tensor& rec_weight, bool pool, double eps) {
+  check_inputs(h_in, y_in, out_weight, gamma, beta, rec_weight, pool);
+  const auto fmt = memory_format_of(y_in);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor h = h_in.contiguous(fmt), y = y_in.contiguous(fmt), w = out_weight.contiguous();
+  const int64_t k = h.size(1);
+  at::Tensor s;
+  if (pool) {
+    s = at::empty({y.size(0), k, y.size(2), y.size(3)}, y.options().memory_format(fmt));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_pool", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* src = h.const_data_ptr<scalar_t>();
+      scalar_t* dst = s.data_ptr<scalar_t>();
+      for_each_window(h, s, cl, [=](int64_t d, int64_t a, int64_t b, int64_t c, int64_t e) {
+        dst[d] = static_cast<scalar_t>(acc_t(0.25) * (static_cast<acc_t>(src[a]) + static_cast<acc_t>(src[b]) +
+                                                      static_cast<acc_t>(src[c]) + static_cast<acc_t>(src[e])));
+      });
+    });
+  } else {
+    s = h.clone(fmt);
+  }
+  conv1x1(s, w, y, cl, true);
+
+  StatInputs st = stat_inputs(kOp, mean_in, var_in, k, stat_dtype(y.scalar_type()));
+  const at::Tensor g = gamma.contiguous(), b = beta.contiguous();
+  at::Tensor a = at::empty_like(s);
+  const ChannelLayout L = layout_of(s, fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (st.training) batch_stats(s.const_data_ptr<scalar_t>(), L, st.mean.data_ptr<acc_t>(), st.var.data_ptr<acc_t>());
+    normalize_act<ActTanh>(s.const_data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), L, st.mean.const_data_ptr<acc_t>(),
+                           st.var.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps);
+  });
+  at::Tensor out = at::conv2d(a, rec_weight.contiguous(), {}, 1, 1).contiguous(fmt);
+  return {out, s, st.mean, st.var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& h_in, const at::Tensor& y_in, const at::Tensor& out_weight,
+    const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& rec_weight, const at::Tensor& s_in,
+    const at::Tensor& mean, const at::Tensor& var, bool pool, double eps, bool training) {
+  check_inputs(h_in, y_in, out_weight, gamma, beta, rec_weight, pool);
+  const int64_t k = h_in.size(1);
+  const std::vector<int64_t> sshape{y_in.size(0), k, y_in.size(2), y_in.size(3)};
+  check_activation(kOp, "s", s_in, y_in, "y");
+  TORCH_CHECK(s_in.sizes() == at::IntArrayRef(sshape), kOp, ": s must have shape ", sshape, ", got ", s_in.sizes());
+  check_activation(kOp, "grad_out", grad_out, y_in, "y");
+  TORCH_CHECK(grad_out.sizes() == s_in.sizes(), kOp, ": grad_out must have shape ", s_in.sizes(), ", got ",
+              grad_out.sizes());
+  const auto sd = stat_dtype(y_in.scalar_type());
+  check_stat(kOp, "mean", mean, k, sd);
+  check_stat(kOp, "var", var, k, sd);
+
+  const auto fmt = memory_format_of(y_in);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor y = y_in.contiguous(fmt), w = out_weight.contiguous(), wr = rec_weight.contiguous();
+  const at::Tensor s = s_in.contiguous(fmt), go = grad_out.contiguous(fmt);
+  const at::Tensor m = mean.contiguous(), v = var.contiguous(), g = gamma.contiguous(), b = beta.contiguous();
+  const ChannelLayout L = layout_of(s, fmt);
+
+  at::Tensor a = at::empty_like(s);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_recompute", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    normalize_act<ActTanh>(s.const_data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), L, m.const_data_ptr<acc_t>(),
+                           v.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps);
+  });
+  auto conv_grads = at::convolution_backward(go, a, wr, c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
+                                             {true, true, false});
+  at::Tensor da = std::get<0>(conv_grads).contiguous(fmt);
+  at::Tensor drec = std::get<1>(conv_grads).contiguous();
+
+  at::Tensor ds = at::empty_like(s);
+  at::Tensor dgamma = at::empty({k}, g.options()), dbeta = at::empty({k}, g.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bn_act_backward<ActTanh>(da.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(), L,
+                             m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(),
+                             b.const_data_ptr<acc_t>(), eps, training, dgamma.data_ptr<acc_t>(),
+                             dbeta.data_ptr<acc_t>());
+  });
+
+  at::Tensor dy = conv1x1_input_grad(ds, w, fmt);
+  at::Tensor dw = at::empty_like(w);
+  conv1x1_weight_grad(dw, ds, y, cl);
+  at::Tensor dh = ds;
+  if (pool) {
+    dh = at::empty(h_in.sizes(), ds.options().memory_format(fmt)).zero_();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_unpool", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* src = ds.const_data_ptr<scalar_t>();
+      scalar_t* dst = dh.data_ptr<scalar_t>();
+      for_each_window(dh, ds, cl, [=](int64_t d, int64_t a0, int64_t a1, int64_t a2, int64_t a3) {
+        const scalar_t q = static_cast<scalar_t>(acc_t(0.25) * static_cast<acc_t>(src[d]));
+        dst[a0] = q;
+        dst[a1] = q;
+        dst[a2] = q;
+        dst[a3] = q;
+      });
+    });
+  }
+  return {dh, dy, dw, drec, dgamma, dbeta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rla_ext, CPU, m) {
+  m.impl("rla_update_kernel_fwd", &forward);
+  m.impl("rla_update_kernel_bwd", &backward);
+}
+
+}  // namespace rla_ext::cpu
