@@ -80,7 +80,8 @@ def rla_update_forward(h, y, out_weight, gamma, beta, mean, var, rec_weight, poo
     return out.contiguous(memory_format=fmt), s.contiguous(memory_format=fmt), mean, var
 
 
-def rla_update_backward(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean, var, pool, eps, training):
+def rla_update_backward(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean, var, pool, eps,
+                        training):
     a = _act(s, mean, var, gamma, beta, eps)
     da = torch.nn.grad.conv2d_input(a.shape, rec_weight, grad_out, padding=1)
     drec = torch.nn.grad.conv2d_weight(a, rec_weight.shape, grad_out, padding=1)

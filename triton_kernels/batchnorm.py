@@ -93,7 +93,8 @@ def new_partials(rows: int, channels: int, like: torch.Tensor) -> tuple[torch.Te
             torch.empty((p, channels), dtype=sd, device=like.device), p)
 
 
-def finalize_stats(part_mean: torch.Tensor, part_m2: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def finalize_stats(part_mean: torch.Tensor, part_m2: torch.Tensor, rows: int) -> tuple[torch.Tensor,
+                                                                                       torch.Tensor]:
     """Batch mean and biased variance from the partials of `rows` values per channel."""
     p, c = part_mean.shape
     mean = torch.empty(c, dtype=part_mean.dtype, device=part_mean.device)

@@ -60,25 +60,22 @@ def configs(tiles: list[tuple[int, ...]], *, fixed_m: int | None = None) -> list
         if key in seen:
             continue
         seen.add(key)
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
+                                 num_stages=stages))
     return out
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). N is often k = 32 (the RLA state), hence narrow tiles.
 GEMM_TILES = [
     (128, 64, 32, 4, 4),
-    (64, 64, 32, 4, 4),
-    (128, 32, 64, 4, 4),
-    (64, 128, 32, 4, 3),
-    (128, 128, 32, 8, 3),
+    (64, 64, 32, 4, 4), (128, 32, 64, 4, 4),
+    (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
 ]
 # Weight gradients: (BLOCK_CO, BLOCK_C, BLOCK_M) tiles reducing over pixels.
 WGRAD_TILES = [
     (32, 64, 64, 4, 3),
-    (64, 64, 64, 4, 3),
-    (32, 128, 64, 4, 3),
-    (64, 128, 32, 8, 3),
-]
+    (64, 64, 64, 4, 3), (32, 128, 64, 4, 3),
+    (64, 128, 32, 8, 3), ]
 
 
 def split_rows(rows: int, tiles: int, device: torch.device) -> tuple[int, int]:

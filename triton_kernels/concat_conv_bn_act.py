@@ -16,14 +16,14 @@ import triton
 import triton.language as tl
 
 from . import _aten
-from .batchnorm import channel_rstd, finalize_stats, finalize_sums, new_partials, store_grad_partials, \
-    store_stat_partials
-from .common import GEMM_TILES, STAT_ROWS, configs, dot_precision, empty_act, memory_format_of, needs_aten, \
-    pixel_strides, row_offsets
+from .batchnorm import (channel_rstd, finalize_stats, finalize_sums, new_partials, store_grad_partials,
+                        store_stat_partials)
+from .common import (GEMM_TILES, STAT_ROWS, configs, dot_precision, empty_act, memory_format_of, needs_aten,
+                     pixel_strides, row_offsets)
 from .gemm import BNGrad, dz_dgrad, dz_wgrad
 
 
-@triton.autotune(configs=configs(GEMM_TILES, fixed_m=STAT_ROWS), key=["M", "C", "K", "CO"])
+@triton.autotune(configs=configs(GEMM_TILES, fixed_m=STAT_ROWS), key=["M", "C", "K", "CO", "TRAINING"])
 @triton.jit
 def _fwd_kernel(x, h, w, z, out, part_mean, part_m2, mean, var, gamma, beta, M, HW, C, K, CO, eps,
                 x_sn, x_sp, x_sc, h_sn, h_sp, h_sc, z_sn, z_sp, z_sc, o_sn, o_sp, o_sc,
@@ -48,7 +48,8 @@ def _fwd_kernel(x, h, w, z, out, part_mean, part_m2, mean, var, gamma, beta, M, 
         kk = k0 + tl.arange(0, BLOCK_K)
         km = kk < K
         a = tl.load(h + h_row[:, None] + kk[None, :] * h_sc, mask=rmask[:, None] & km[None, :], other=0.0)
-        b = tl.load(w + cols[None, :] * (C + K) + C + kk[:, None], mask=km[:, None] & cmask[None, :], other=0.0)
+        b = tl.load(w + cols[None, :] * (C + K) + C + kk[:, None], mask=km[:, None] & cmask[None, :],
+                    other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     zt = acc.to(z.dtype.element_ty)
     valid = rmask[:, None] & cmask[None, :]
@@ -58,7 +59,8 @@ def _fwd_kernel(x, h, w, z, out, part_mean, part_m2, mean, var, gamma, beta, M, 
         store_stat_partials(zs, valid, cols, cmask, pid_m, tl.minimum(M - pid_m * BLOCK_M, BLOCK_M),
                             part_mean, part_m2, CO)
     else:
-        _store_bn_act(zs, rows, cols, rmask, cmask, out, mean, var, gamma, beta, HW, eps, o_sn, o_sp, o_sc, RELU)
+        _store_bn_act(zs, rows, cols, rmask, cmask, out, mean, var, gamma, beta, HW, eps, o_sn, o_sp, o_sc,
+                      RELU)
 
 
 @triton.jit
@@ -71,7 +73,8 @@ def _store_bn_act(zs, rows, cols, rmask, cmask, out, mean, var, gamma, beta, HW,
     y = (zs - mu[None, :]) * (gm * rstd)[None, :] + bt[None, :]
     if RELU:
         y = tl.maximum(y, 0.0)
-    tl.store(out + row_offsets(rows, HW, o_sn, o_sp)[:, None] + cols[None, :] * o_sc, y.to(out.dtype.element_ty),
+    tl.store(out + row_offsets(rows, HW, o_sn, o_sp)[:, None] + cols[None, :] * o_sc,
+             y.to(out.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
 
@@ -84,8 +87,8 @@ def _normalize_kernel(z, out, mean, var, gamma, beta, M, HW, CO, eps, z_sn, z_sp
     cmask = cols < CO
     zt = tl.load(z + row_offsets(rows, HW, z_sn, z_sp)[:, None] + cols[None, :] * z_sc,
                  mask=rmask[:, None] & cmask[None, :], other=0.0)
-    _store_bn_act(zt.to(mean.dtype.element_ty), rows, cols, rmask, cmask, out, mean, var, gamma, beta, HW, eps,
-                  o_sn, o_sp, o_sc, RELU)
+    _store_bn_act(zt.to(mean.dtype.element_ty), rows, cols, rmask, cmask, out, mean, var, gamma, beta, HW,
+                  eps, o_sn, o_sp, o_sc, RELU)
 
 
 @triton.jit
@@ -134,8 +137,8 @@ def forward(x, h, weight, gamma, beta, mean, var, eps: float, relu: bool):
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]))
 
-    _fwd_kernel[grid](x, h, weight, z, out, part_mean, part_m2, *stats, gamma, beta, rows, hh * ww, c, k, co, eps,
-                      *pixel_strides(x), *pixel_strides(h), *pixel_strides(z), *pixel_strides(out),
+    _fwd_kernel[grid](x, h, weight, z, out, part_mean, part_m2, *stats, gamma, beta, rows, hh * ww, c, k, co,
+                      eps, *pixel_strides(x), *pixel_strides(h), *pixel_strides(z), *pixel_strides(out),
                       TRAINING=training, RELU=relu, PREC=dot_precision(x.dtype))
     if not training:
         return out, z, mean.clone(), var.clone()
@@ -159,7 +162,8 @@ def backward(grad_out, x, h, weight, gamma, beta, z, mean, var, eps: float, relu
     fmt = memory_format_of(x)
     part_g, part_gx, p = new_partials(rows, co, x)
     bn = _elementwise_block(co)
-    _bwd_reduce_kernel[(p, triton.cdiv(co, bn))](grad_out, z, part_g, part_gx, mean, var, gamma, beta, rows, hh * ww,
+    _bwd_reduce_kernel[(p, triton.cdiv(co, bn))](grad_out, z, part_g, part_gx, mean, var, gamma, beta, rows,
+                                                 hh * ww,
                                                  co, eps, *pixel_strides(grad_out), *pixel_strides(z),
                                                  RELU=relu, BLOCK_M=STAT_ROWS, BLOCK_N=bn)
     dbeta, dgamma = finalize_sums(part_g, part_gx)

@@ -16,8 +16,8 @@ from .common import GEMM_TILES, WGRAD_TILES, configs, dot_precision, pixel_strid
 
 
 @triton.jit
-def _dgrad_tile(src, zp, w, out, mean, var, gamma, beta, dbeta, dgamma, pid_m, pid_n, M, HW, CO, WCOLS, col0, ncols,
-                eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, o_sn, o_sp, o_sc,
+def _dgrad_tile(src, zp, w, out, mean, var, gamma, beta, dbeta, dgamma, pid_m, pid_n, M, HW, CO, WCOLS, col0,
+                ncols, eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, o_sn, o_sp, o_sc,
                 RELU: tl.constexpr, TRAINING: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -31,9 +31,10 @@ def _dgrad_tile(src, zp, w, out, mean, var, gamma, beta, dbeta, dgamma, pid_m, p
         ch = k0 + tl.arange(0, BLOCK_K)
         chm = ch < CO
         dz = load_dz(src + s_row[:, None] + ch[None, :] * s_sc, zp + z_row[:, None] + ch[None, :] * z_sc,
-                     rmask[:, None] & chm[None, :], ch, chm, mean, var, gamma, beta, dbeta, dgamma, eps, inv_count,
-                     RELU, TRAINING)
-        b = tl.load(w + ch[:, None] * WCOLS + col0 + cols[None, :], mask=chm[:, None] & cmask[None, :], other=0.0)
+                     rmask[:, None] & chm[None, :], ch, chm, mean, var, gamma, beta, dbeta, dgamma, eps,
+                     inv_count, RELU, TRAINING)
+        b = tl.load(w + ch[:, None] * WCOLS + col0 + cols[None, :], mask=chm[:, None] & cmask[None, :],
+                    other=0.0)
         acc = tl.dot(dz.to(w.dtype.element_ty), b, acc, input_precision=PREC)
     o_row = row_offsets(rows, HW, o_sn, o_sp)
     tl.store(out + o_row[:, None] + cols[None, :] * o_sc, acc.to(out.dtype.element_ty),
@@ -42,27 +43,28 @@ def _dgrad_tile(src, zp, w, out, mean, var, gamma, beta, dbeta, dgamma, pid_m, p
 
 @triton.autotune(configs=configs(GEMM_TILES), key=["M", "CO", "C1", "C2"])
 @triton.jit
-def _dz_dgrad_kernel(src, zp, w, out1, out2, mean, var, gamma, beta, dbeta, dgamma, M, HW, CO, C1, C2, eps, inv_count,
-                     s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, o1_sn, o1_sp, o1_sc, o2_sn, o2_sp, o2_sc,
+def _dz_dgrad_kernel(src, zp, w, out1, out2, mean, var, gamma, beta, dbeta, dgamma, M, HW, CO, C1, C2, eps,
+                     inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, o1_sn, o1_sp, o1_sc, o2_sn, o2_sp, o2_sc,
                      RELU: tl.constexpr, TRAINING: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     nb1 = tl.cdiv(C1, BLOCK_N)
     if pid_n < nb1:
-        _dgrad_tile(src, zp, w, out1, mean, var, gamma, beta, dbeta, dgamma, pid_m, pid_n, M, HW, CO, C1 + C2, 0, C1,
-                    eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, o1_sn, o1_sp, o1_sc,
+        _dgrad_tile(src, zp, w, out1, mean, var, gamma, beta, dbeta, dgamma, pid_m, pid_n, M, HW, CO,
+                    C1 + C2, 0, C1, eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, o1_sn, o1_sp, o1_sc,
                     RELU, TRAINING, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        _dgrad_tile(src, zp, w, out2, mean, var, gamma, beta, dbeta, dgamma, pid_m, pid_n - nb1, M, HW, CO, C1 + C2,
-                    C1, C2, eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, o2_sn, o2_sp, o2_sc,
+        _dgrad_tile(src, zp, w, out2, mean, var, gamma, beta, dbeta, dgamma, pid_m, pid_n - nb1, M, HW, CO,
+                    C1 + C2, C1, C2, eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, o2_sn, o2_sp, o2_sc,
                     RELU, TRAINING, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def _wgrad_tile(src, zp, act, wpart, mean, var, gamma, beta, dbeta, dgamma, pid_co, pid_c, pid_s, M, HW, CO, WCOLS,
-                col0, ncols, rows_per_split, eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, a_sn, a_sp, a_sc,
-                RELU: tl.constexpr, TRAINING: tl.constexpr, PREC: tl.constexpr,
+def _wgrad_tile(src, zp, act, wpart, mean, var, gamma, beta, dbeta, dgamma, pid_co, pid_c, pid_s, M, HW, CO,
+                WCOLS,
+                col0, ncols, rows_per_split, eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, a_sn, a_sp,
+                a_sc, RELU: tl.constexpr, TRAINING: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     co = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
     com = co < CO
@@ -78,8 +80,8 @@ def _wgrad_tile(src, zp, act, wpart, mean, var, gamma, beta, dbeta, dgamma, pid_
         z_row = row_offsets(rows, HW, z_sn, z_sp)
         a_row = row_offsets(rows, HW, a_sn, a_sp)
         dz = load_dz(src + s_row[:, None] + co[None, :] * s_sc, zp + z_row[:, None] + co[None, :] * z_sc,
-                     rm[:, None] & com[None, :], co, com, mean, var, gamma, beta, dbeta, dgamma, eps, inv_count,
-                     RELU, TRAINING)
+                     rm[:, None] & com[None, :], co, com, mean, var, gamma, beta, dbeta, dgamma, eps,
+                     inv_count, RELU, TRAINING)
         a = tl.load(act + a_row[:, None] + cols[None, :] * a_sc, mask=rm[:, None] & cm[None, :], other=0.0)
         acc = tl.dot(tl.trans(dz.to(act.dtype.element_ty)), a, acc, input_precision=PREC)
     offs = pid_s.to(tl.int64) * CO * WCOLS + co[:, None] * WCOLS + col0 + cols[None, :]
@@ -98,11 +100,12 @@ def _dz_wgrad_kernel(src, zp, act1, act2, wpart, mean, var, gamma, beta, dbeta, 
     pid_s = tl.program_id(2)
     nb1 = tl.cdiv(C1, BLOCK_N)
     if pid_c < nb1:
-        _wgrad_tile(src, zp, act1, wpart, mean, var, gamma, beta, dbeta, dgamma, pid_co, pid_c, pid_s, M, HW, CO,
-                    C1 + C2, 0, C1, rows_per_split, eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc,
+        _wgrad_tile(src, zp, act1, wpart, mean, var, gamma, beta, dbeta, dgamma, pid_co, pid_c, pid_s, M, HW,
+                    CO, C1 + C2, 0, C1, rows_per_split, eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc,
                     a1_sn, a1_sp, a1_sc, RELU, TRAINING, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        _wgrad_tile(src, zp, act2, wpart, mean, var, gamma, beta, dbeta, dgamma, pid_co, pid_c - nb1, pid_s, M, HW,
+        _wgrad_tile(src, zp, act2, wpart, mean, var, gamma, beta, dbeta, dgamma, pid_co, pid_c - nb1, pid_s,
+                    M, HW,
                     CO, C1 + C2, C1, C2, rows_per_split, eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc,
                     a2_sn, a2_sp, a2_sc, RELU, TRAINING, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
 
@@ -133,7 +136,8 @@ def dz_dgrad(bg: BNGrad, weight: torch.Tensor, out1: torch.Tensor, out2: torch.T
 
     _dz_dgrad_kernel[grid](bg.src, bg.z, weight, out1, o2, *bg.tensors(), bg.rows, bg.hw, co, c1, c2, bg.eps,
                            1.0 / bg.rows, *pixel_strides(bg.src), *pixel_strides(bg.z), *pixel_strides(out1),
-                           *pixel_strides(o2), RELU=bg.relu, TRAINING=bg.training, PREC=dot_precision(out1.dtype))
+                           *pixel_strides(o2), RELU=bg.relu, TRAINING=bg.training,
+                           PREC=dot_precision(out1.dtype))
 
 
 def dz_wgrad(bg: BNGrad, act1: torch.Tensor, act2: torch.Tensor | None, co: int) -> torch.Tensor:
@@ -147,10 +151,12 @@ def dz_wgrad(bg: BNGrad, act1: torch.Tensor, act2: torch.Tensor | None, co: int)
     wpart = torch.empty((splits, co, c1 + c2), dtype=bg.mean.dtype, device=act1.device)
 
     def grid(meta):
-        return (triton.cdiv(co, meta["BLOCK_M"]), triton.cdiv(c1, meta["BLOCK_N"]) + triton.cdiv(c2, meta["BLOCK_N"]),
-                splits)
+        bn = meta["BLOCK_N"]
+        return (triton.cdiv(co, meta["BLOCK_M"]), triton.cdiv(c1, bn) + triton.cdiv(c2, bn), splits)
 
-    _dz_wgrad_kernel[grid](bg.src, bg.z, act1, a2, wpart, *bg.tensors(), bg.rows, bg.hw, co, c1, c2, chunk, bg.eps,
+    _dz_wgrad_kernel[grid](bg.src, bg.z, act1, a2, wpart, *bg.tensors(), bg.rows, bg.hw, co, c1, c2, chunk,
+                           bg.eps,
                            1.0 / bg.rows, *pixel_strides(bg.src), *pixel_strides(bg.z), *pixel_strides(act1),
-                           *pixel_strides(a2), RELU=bg.relu, TRAINING=bg.training, PREC=dot_precision(act1.dtype))
+                           *pixel_strides(a2), RELU=bg.relu, TRAINING=bg.training,
+                           PREC=dot_precision(act1.dtype))
     return (wpart[0] if splits == 1 else wpart.sum(dim=0)).to(act1.dtype)

@@ -16,14 +16,14 @@ import triton
 import triton.language as tl
 
 from . import _aten
-from .batchnorm import channel_rstd, finalize_stats, finalize_sums, load_dz, new_partials, store_grad_partials, \
-    store_stat_partials
-from .common import GEMM_TILES, STAT_ROWS, WGRAD_TILES, configs, dot_precision, empty_act, memory_format_of, \
-    needs_aten, pixel_strides, row_offsets, split_rows, tanh
+from .batchnorm import (channel_rstd, finalize_stats, finalize_sums, load_dz, new_partials,
+                        store_grad_partials, store_stat_partials)
+from .common import (GEMM_TILES, STAT_ROWS, WGRAD_TILES, configs, dot_precision, empty_act, memory_format_of,
+                     needs_aten, pixel_strides, row_offsets, split_rows, tanh)
 from .gemm import BNGrad, dz_dgrad, dz_wgrad
 
 
-@triton.autotune(configs=configs(GEMM_TILES, fixed_m=STAT_ROWS), key=["M", "C", "K"])
+@triton.autotune(configs=configs(GEMM_TILES, fixed_m=STAT_ROWS), key=["M", "C", "K", "POOL", "TRAINING"])
 @triton.jit
 def _fwd_gemm_kernel(y, w, h, s, part_mean, part_m2, M, HW, Wd, C, K,
                      y_sn, y_sp, y_sc, h_sn, h_sc, h_sh, h_sw, s_sn, s_sp, s_sc,
@@ -61,7 +61,8 @@ def _fwd_gemm_kernel(y, w, h, s, part_mean, part_m2, M, HW, Wd, C, K,
     st = acc.to(s.dtype.element_ty)
     tl.store(s + row_offsets(rows, HW, s_sn, s_sp)[:, None] + cols[None, :] * s_sc, st, mask=valid)
     if TRAINING:
-        store_stat_partials(st.to(acc.dtype), valid, cols, cmask, pid_m, tl.minimum(M - pid_m * BLOCK_M, BLOCK_M),
+        store_stat_partials(st.to(acc.dtype), valid, cols, cmask, pid_m, tl.minimum(M - pid_m * BLOCK_M,
+                                                                                    BLOCK_M),
                             part_mean, part_m2, K)
 
 
@@ -76,7 +77,7 @@ def _bn_tanh(v, ch, ch_mask, mean, var, gamma, beta, eps):
     return tanh(gm[None, :] * xhat + bt[None, :]), xhat
 
 
-@triton.autotune(configs=configs(GEMM_TILES, fixed_m=STAT_ROWS), key=["M", "K"])
+@triton.autotune(configs=configs(GEMM_TILES, fixed_m=STAT_ROWS), key=["M", "K", "TRANSPOSED"])
 @triton.jit
 def _conv3x3_kernel(src, w, out, s, mean, var, gamma, beta, part_g, part_gx, M, HW, H, Wd, K, eps,
                     i_sn, i_sc, i_sh, i_sw, o_sn, o_sp, o_sc, s_sn, s_sp, s_sc,
@@ -111,18 +112,23 @@ def _conv3x3_kernel(src, w, out, s, mean, var, gamma, beta, part_g, part_gx, M, 
             mk = ok[:, None] & km[None, :]
             a = tl.load(src + base[:, None] + kk[None, :] * i_sc, mask=mk, other=0.0)
             if TRANSPOSED:
-                b = tl.load(w + kk[:, None] * (K * 9) + cols[None, :] * 9 + tap, mask=km[:, None] & cmask[None, :],
+                b = tl.load(w + kk[:, None] * (K * 9) + cols[None, :] * 9 + tap, mask=km[:,
+                                                                                         None] & cmask[None,
+                                                                                                       :],
                             other=0.0)
             else:
                 act, _ = _bn_tanh(a, kk, km, mean, var, gamma, beta, eps)
                 a = tl.where(mk, act, 0.0).to(w.dtype.element_ty)
-                b = tl.load(w + cols[None, :] * (K * 9) + kk[:, None] * 9 + tap, mask=km[:, None] & cmask[None, :],
+                b = tl.load(w + cols[None, :] * (K * 9) + kk[:, None] * 9 + tap, mask=km[:,
+                                                                                         None] & cmask[None,
+                                                                                                       :],
                             other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PREC)
     valid = rmask[:, None] & cmask[None, :]
     o_ptrs = out + row_offsets(rows, HW, o_sn, o_sp)[:, None] + cols[None, :] * o_sc
     if TRANSPOSED:
-        sv = tl.load(s + row_offsets(rows, HW, s_sn, s_sp)[:, None] + cols[None, :] * s_sc, mask=valid, other=0.0)
+        sv = tl.load(s + row_offsets(rows, HW, s_sn, s_sp)[:, None] + cols[None, :] * s_sc, mask=valid,
+                     other=0.0)
         act, xhat = _bn_tanh(sv, cols, cmask, mean, var, gamma, beta, eps)
         g = (acc * (1.0 - act * act)).to(out.dtype.element_ty)
         tl.store(o_ptrs, g, mask=valid)
@@ -208,8 +214,8 @@ def _conv3x3(src, w, out, s, mean, var, gamma, beta, part_g, part_gx, eps, trans
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"]))
 
-    _conv3x3_kernel[grid](src, w, out, s, mean, var, gamma, beta, part_g, part_gx, rows, hh * ww, hh, ww, k, eps,
-                          *src.stride(), *pixel_strides(out), *pixel_strides(s),
+    _conv3x3_kernel[grid](src, w, out, s, mean, var, gamma, beta, part_g, part_gx, rows, hh * ww, hh, ww, k,
+                          eps, *src.stride(), *pixel_strides(out), *pixel_strides(s),
                           TRANSPOSED=transposed, PREC=dot_precision(out.dtype))
 
 
@@ -229,8 +235,9 @@ def forward(h, y, out_weight, gamma, beta, mean, var, rec_weight, pool: bool, ep
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"]))
 
-    _fwd_gemm_kernel[grid](y, out_weight, h, s, part_mean, part_m2, rows, hy * wy, wy, c, k, *pixel_strides(y),
-                           *h.stride(), *pixel_strides(s), POOL=pool, TRAINING=training, PREC=dot_precision(y.dtype))
+    _fwd_gemm_kernel[grid](y, out_weight, h, s, part_mean, part_m2, rows, hy * wy, wy, c, k,
+                           *pixel_strides(y), *h.stride(), *pixel_strides(s), POOL=pool, TRAINING=training,
+                           PREC=dot_precision(y.dtype))
     if training:
         mean, var = finalize_stats(part_mean, part_m2, rows)
     else:
@@ -244,8 +251,8 @@ def backward(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean, var, 
              training: bool):
     """-> dh, dy (y's memory format), dout_weight, drec_weight (T), dgamma, dbeta (stat dtype)."""
     if needs_aten(y):
-        return _aten.rla_update_backward(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean, var, pool,
-                                         eps, training)
+        return _aten.rla_update_backward(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean, var,
+                                         pool, eps, training)
     n, c, hy, wy = y.shape
     k = out_weight.shape[0]
     rows = n * hy * wy

@@ -29,6 +29,24 @@ TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-4, 2e-4), torch.float16
 FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 
+def grid(flag_name, shapes):
+    """Every (dtype, format, mode, flag) on the first shape; the others in float32 with the flag on
+    (the interpreter is slow, and the other shapes are there for tiling edges, not dtypes)."""
+    cases = []
+    for dtype in (torch.float32, torch.float64):
+        for fmt in FORMATS:
+            for training in (True, False):
+                for flag in (True, False):
+                    for i, shape in enumerate(shapes):
+                        if i and (dtype != torch.float32 or not flag):
+                            continue
+                        mode = "train" if training else "eval"
+                        flag_id = flag_name if flag else "no" + flag_name
+                        name = f"{str(dtype)[6:]}-{fmt}-{mode}-{flag_id}-{shape}"
+                        cases.append(pytest.param(dtype, fmt, training, flag, shape, id=name))
+    return cases
+
+
 def stat(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -40,7 +58,8 @@ def act(shape, dtype, fmt, scale=1.0, offset=0.0, gen=None):
 
 def close(got, want, dtype, what, scale=1.0):
     atol, rtol = TOL[dtype]
-    torch.testing.assert_close(got.double().cpu(), want.double().cpu(), atol=atol * scale, rtol=rtol, msg=what)
+    torch.testing.assert_close(got.double().cpu(), want.double().cpu(), atol=atol * scale, rtol=rtol,
+                               msg=what)
 
 
 def fmt_of(t):
@@ -81,23 +100,22 @@ def case_a(n, c, k, co, hh, ww, dtype, fmt, training, seed=0, offset=0.0):
     return x, h, w, gamma, beta, mean, var
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("fmt", FORMATS, ids=str)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("relu", [True, False], ids=["relu", "none"])
-@pytest.mark.parametrize("shape", [(2, 5, 3, 7, 3, 5), (1, 24, 8, 17, 7, 1)], ids=["small", "wide"])
+@pytest.mark.parametrize("dtype,fmt,training,relu,shape", grid("relu", [(2, 5, 3, 7, 3, 5), (1, 24, 8, 17, 7,
+                                                                                             1)]))
 def test_concat_conv_bn_act(dtype, fmt, training, relu, shape):
     fmt = FORMATS[fmt]
     x, h, w, gamma, beta, mean, var = case_a(*shape, dtype, fmt, training)
     out, z, m, v = op_a.forward(x, h, w, gamma, beta, mean, var, EPS, relu)
     for t in (out, z):
-        assert t.dtype == dtype and t.shape == (shape[0], shape[3], shape[4], shape[5]) and fmt_of(t) == fmt_of(x)
+        assert t.dtype == dtype and t.shape == (shape[0], shape[3], shape[4],
+                                                shape[5]) and fmt_of(t) == fmt_of(x)
     assert m.dtype == stat(dtype) and v.dtype == stat(dtype)
     if not training:
         assert m.data_ptr() != mean.data_ptr() and v.data_ptr() != var.data_ptr()
 
     d = [t.double().requires_grad_() for t in (x, h, w, gamma, beta)]
-    r_out, r_z, r_m, r_v = ref_a(*d, None if training else mean.double(), None if training else var.double(), relu)
+    r_out, r_z, r_m, r_v = ref_a(*d, None if training else mean.double(), None if training else var.double(),
+                                 relu)
     close(z, r_z, dtype, "z")
     close(m, r_m, dtype, "mean")
     close(v, r_v, dtype, "biased var")
@@ -138,11 +156,7 @@ def case_b(n, c, k, hh, ww, pool, dtype, fmt, training, seed=0):
     return h, y, wo, gamma, beta, mean, var, wr
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("fmt", FORMATS, ids=str)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("pool", [True, False], ids=["pool", "nopool"])
-@pytest.mark.parametrize("shape", [(2, 6, 4, 7, 5), (1, 19, 8, 3, 6)], ids=["odd", "wide"])
+@pytest.mark.parametrize("dtype,fmt,training,pool,shape", grid("pool", [(2, 6, 4, 7, 5), (1, 19, 8, 3, 6)]))
 def test_rla_update(dtype, fmt, training, pool, shape):
     fmt = FORMATS[fmt]
     n, c, k, hh, ww = shape
@@ -153,7 +167,8 @@ def test_rla_update(dtype, fmt, training, pool, shape):
     assert m.dtype == stat(dtype) and v.dtype == stat(dtype)
 
     d = [t.double().requires_grad_() for t in (h, y, wo, gamma, beta, wr)]
-    r_out, r_s, r_m, r_v = ref_b(*d[:5], None if training else mean.double(), None if training else var.double(),
+    r_out, r_s, r_m, r_v = ref_b(*d[:5], None if training else mean.double(),
+                                 None if training else var.double(),
                                  d[5], pool)
     close(s, r_s, dtype, "s")
     close(m, r_m, dtype, "mean")
@@ -178,7 +193,8 @@ def test_rla_update(dtype, fmt, training, pool, shape):
 def test_statistics_shifted_data_many_partials():
     """Many partial tiles (M = 2*13*11 rows) and a large common offset: the centred partials keep
     the fp32 variance accurate where E[z^2] - E[z]^2 would cancel."""
-    x, h, w, gamma, beta, _, _ = case_a(2, 3, 2, 3, 13, 11, torch.float32, torch.channels_last, True, offset=300.0)
+    x, h, w, gamma, beta, _, _ = case_a(2, 3, 2, 3, 13, 11, torch.float32, torch.channels_last, True,
+                                        offset=300.0)
     _, z, m, v = op_a.forward(x, h, w, gamma, beta, None, None, EPS, False)
     r_m, r_v = batch_stats(z.double())
     torch.testing.assert_close(m.double(), r_m, atol=1e-3, rtol=1e-6)
@@ -207,7 +223,8 @@ def test_half_precision_forward(dtype):
         pytest.skip("Triton's interpreter has no bfloat16 arithmetic; checked on GPU only")
     x, h, w, gamma, beta, _, _ = case_a(2, 5, 3, 7, 3, 5, dtype, torch.channels_last, True)
     out, z, m, v = op_a.forward(x, h, w, gamma, beta, None, None, EPS, True)
-    r_out, r_z, _, _ = ref_a(x.double(), h.double(), w.double(), gamma.double(), beta.double(), None, None, True)
+    r_out, r_z, _, _ = ref_a(x.double(), h.double(), w.double(), gamma.double(), beta.double(), None, None,
+                             True)
     atol = 2e-2 if dtype == torch.float16 else 8e-2
     torch.testing.assert_close(z.double(), r_z, atol=atol, rtol=atol)
     torch.testing.assert_close(out.double(), r_out, atol=atol, rtol=atol)
