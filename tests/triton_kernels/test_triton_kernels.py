@@ -232,3 +232,38 @@ def test_half_precision_forward(dtype):
     dx, dh, dw, dg, db = op_a.backward(go, x, h, w, gamma, beta, z, m, v, EPS, True, True)
     assert dx.dtype == dtype and dw.dtype == dtype and dg.dtype == torch.float32
     assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_aten_fallback_for_fp64_on_gpu(training):
+    """The plain-ATen path that float64 takes on a GPU, run here on CPU against the same references."""
+    from rla_ext.triton_kernels import _aten
+
+    cpu = torch.device("cpu")
+    x, h, w, gamma, beta, mean, var = (t if t is None else t.to(cpu)
+                                       for t in case_a(2, 5, 3, 7, 3, 5, torch.float64, torch.channels_last,
+                                                       training))
+    out, z, m, v = _aten.concat_conv_bn_act_forward(x, h, w, gamma, beta, mean, var, EPS, True)
+    d = [t.clone().requires_grad_() for t in (x, h, w, gamma, beta)]
+    r_out, r_z, r_m, r_v = ref_a(*d, mean, var, True)
+    for got, want in ((out, r_out), (z, r_z), (m, r_m), (v, r_v)):
+        torch.testing.assert_close(got, want.detach())
+    assert fmt_of(out) == torch.channels_last
+    go = torch.randn_like(out)
+    got = _aten.concat_conv_bn_act_backward(go, x, h, w, gamma, beta, z, m, v, EPS, True, training)
+    for a, b in zip(got, torch.autograd.grad(r_out, d, go)):
+        torch.testing.assert_close(a, b)
+
+    h, y, wo, gamma, beta, mean, var, wr = (t if t is None else t.to(cpu)
+                                            for t in case_b(2, 6, 4, 7, 5, True, torch.float64,
+                                                            torch.contiguous_format, training))
+    out, s, m, v = _aten.rla_update_forward(h, y, wo, gamma, beta, mean, var, wr, True, EPS)
+    d = [t.clone().requires_grad_() for t in (h, y, wo, gamma, beta, wr)]
+    r_out, r_s, r_m, r_v = ref_b(*d[:5], mean, var, d[5], True)
+    for a, b in ((out, r_out), (s, r_s), (m, r_m), (v, r_v)):
+        torch.testing.assert_close(a, b.detach())
+    go = torch.randn_like(out)
+    got = _aten.rla_update_backward(go, h, y, wo, gamma, beta, wr, s, m, v, True, EPS, training)
+    want = torch.autograd.grad(r_out, d, go)
+    for a, b in zip(got, (want[0], want[1], want[2], want[5], want[3], want[4])):
+        torch.testing.assert_close(a, b)
