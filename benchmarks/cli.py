@@ -12,11 +12,13 @@ import argparse
 import datetime as _dt
 import gc
 import platform
+import signal
 import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 QUICK_STAGES = (STAGES[1], STAGES[3])
+E2E_NAMES = {"rla": "rla_resnet50", "plain": "resnet50"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -60,6 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-batch", type=int, help="training-step batch (default 128 on cuda, 4 on cpu)")
     p.add_argument("--image-size", type=int, help="training-step image size, a multiple of 64 "
                    "(default 224 on cuda, 128 on cpu)")
+    p.add_argument("--e2e-compile-mode", help="torch.compile mode for the training step (default: --compile-mode)")
     p.add_argument("--e2e-repeats", type=int, help="timed training steps (default 10 on cuda, 3 on cpu)")
     p.add_argument("--max-minutes", type=float, help="after this long, remaining rows are recorded as skipped "
                    "(default: none; --quick: 1.25)")
@@ -106,6 +110,7 @@ class Settings:
         self.run_e2e = args.e2e or args.e2e_only or not (q or args.no_e2e)
         self.e2e_batch = args.e2e_batch or (128 if gpu else 4)
         self.image_size = args.image_size or (224 if gpu else 128)
+        self.e2e_compile_mode = args.e2e_compile_mode or self.compile_mode
         self.e2e_repeats = args.e2e_repeats or (10 if gpu else 3)
         # --quick promises a couple of minutes even on a loaded machine: later rows give way.
         minutes = args.max_minutes if args.max_minutes is not None else (1.25 if q else None)
@@ -121,7 +126,8 @@ class Settings:
                 "passes": list(self.passes), "providers": list(self.providers), "compile_mode": self.compile_mode,
                 "channels_last": self.channels_last, "warmup": self.warmup, "repeats": self.repeats,
                 "quick": self.quick, "e2e": self.run_e2e, "e2e_batch": self.e2e_batch,
-                "image_size": self.image_size, "e2e_repeats": self.e2e_repeats}
+                "image_size": self.image_size, "e2e_repeats": self.e2e_repeats,
+                "e2e_compile_mode": self.e2e_compile_mode}
 
 
 def _choose(text: str, allowed: Sequence[str], flag: str) -> tuple[str, ...]:
@@ -196,13 +202,12 @@ def run_op_case(op: str, stage: Stage, provider: str, cfg: Settings, bandwidth_g
 
 
 def run_e2e_case(model: str, provider: str, cfg: Settings) -> Row:
-    name = "rla_resnet50" if model == "rla" else "resnet50"
-    row = _base_row("e2e", name, "train_step", f"{cfg.image_size}px", provider, cfg.e2e_batch, cfg)
+    row = _base_row("e2e", E2E_NAMES[model], "train_step", f"{cfg.image_size}px", provider, cfg.e2e_batch, cfg)
     row["image_size"] = cfg.image_size
     try:
         ts = model_step.make_train_step(model, provider, batch=cfg.e2e_batch, dtype=cfg.dtype, device=cfg.device,
                                         image_size=cfg.image_size, channels_last=cfg.channels_last,
-                                        compile_mode=cfg.compile_mode)
+                                        compile_mode=cfg.e2e_compile_mode)
     except cases.CaseUnavailable as e:
         row.update(status="unavailable", error=str(e))
         return row
@@ -228,47 +233,54 @@ def run_e2e_case(model: str, provider: str, cfg: Settings) -> Row:
     return row
 
 
-def plan(cfg: Settings) -> list[tuple[str, Callable[[], list[Row]], Callable[[str], list[Row]]]]:
-    """(label, run, skip) per task, in run order: fused/eager first, compile next, end-to-end last."""
-    tasks = []
-    bw: dict[str, float] = {}
+@dataclass
+class Task:
+    """One setup (and at most one compilation): its rows, or the same rows marked skipped."""
 
-    def op_task(op: str, stage: Stage, provider: str):
+    label: str
+    run: Callable[[], list[Row]]
+    skip: Callable[[str], list[Row]]
+
+
+def plan(cfg: Settings, bandwidth: dict[str, float]) -> list[Task]:
+    """Tasks in run order, most informative first, so a time budget cuts the least useful rows:
+    eager and fused ops, eager and fused training steps, then compiled ops, then compiled steps."""
+    def op_task(op: str, stage: Stage, provider: str) -> Task:
         def skip(reason: str) -> list[Row]:
             rows = [_base_row("op", op, p, stage.label, provider, cfg.batch, cfg) for p in cfg.passes]
             for r in rows:
                 r.update(status="skipped", error=reason)
             return rows
-        return (f"{op} {stage.label} {provider}", lambda: run_op_case(op, stage, provider, cfg, bw["gbps"]), skip)
+        return Task(f"{op} {stage.label} {provider}",
+                    lambda: run_op_case(op, stage, provider, cfg, bandwidth["gbps"]), skip)
 
-    if cfg.run_ops:
-        for compiled in (False, True):
-            for op in cfg.ops:
-                for stage in cfg.stages:
-                    for provider in cfg.providers:
-                        if (provider == cases.COMPILE) == compiled:
-                            tasks.append(op_task(op, stage, provider))
-    if cfg.run_e2e:
-        e2e_providers = [p for p in cfg.providers if p != cases.COMPILE] + (
-            [cases.COMPILE] if cases.COMPILE in cfg.providers else [])
-        pairs = [("plain", cases.EAGER)] + [("rla", p) for p in e2e_providers]
-        for model, provider in pairs:
-            def skip(reason: str, model=model, provider=provider) -> list[Row]:
-                name = "rla_resnet50" if model == "rla" else "resnet50"
-                row = _base_row("e2e", name, "train_step", f"{cfg.image_size}px", provider, cfg.e2e_batch, cfg)
-                row.update(status="skipped", error=reason, image_size=cfg.image_size)
-                return [row]
-            tasks.append((f"e2e {model} {provider}",
-                          lambda model=model, provider=provider: [run_e2e_case(model, provider, cfg)], skip))
-    return tasks, bw
+    def e2e_task(model: str, provider: str) -> Task:
+        def skip(reason: str) -> list[Row]:
+            row = _base_row("e2e", E2E_NAMES[model], "train_step", f"{cfg.image_size}px", provider,
+                            cfg.e2e_batch, cfg)
+            row.update(status="skipped", error=reason, image_size=cfg.image_size)
+            return [row]
+        return Task(f"e2e {model} {provider}", lambda: [run_e2e_case(model, provider, cfg)], skip)
+
+    compiled = [p for p in cfg.providers if p == cases.COMPILE]
+    plain = [p for p in cfg.providers if p != cases.COMPILE]
+    tasks: list[Task] = []
+    for providers in (plain, compiled):
+        if cfg.run_ops:
+            tasks += [op_task(op, stage, p) for op in cfg.ops for stage in cfg.stages for p in providers]
+        if cfg.run_e2e:
+            # The plain ResNet-50 has no RLA ops: it runs as eager (and compiled), the cost baseline.
+            tasks += [e2e_task("plain", p) for p in providers if p in (cases.EAGER, cases.COMPILE)]
+            tasks += [e2e_task("rla", p) for p in providers]
+    return tasks
 
 
-def _sort_key(cfg: Settings) -> Callable[[Row], tuple]:
+def _sort_key() -> Callable[[Row], tuple]:
     order = {p: i for i, p in enumerate((cases.EAGER, cases.COMPILE) + cases.FUSED_BACKENDS)}
     shapes = {s.label: i for i, s in enumerate(STAGES)}
     ops = {o: i for i, o in enumerate(cases.OPS)}
-    return lambda r: (r["kind"] != "op", ops.get(r["op"], 9), r["pass"], shapes.get(r["shape"], 9),
-                      order.get(r["provider"], 9))
+    return lambda r: (r["kind"] != "op", ops.get(r["op"], len(ops)), r["op"], r["pass"],
+                      shapes.get(r["shape"], len(shapes)), order.get(r["provider"], len(order)))
 
 
 def device_name(device: torch.device) -> str:
@@ -313,6 +325,30 @@ def metadata(cfg: Settings, argv: Sequence[str] | None) -> dict[str, Any]:
             "argv": list(sys.argv[1:] if argv is None else argv), **cfg.describe()}
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised past the rows' own `except Exception` handlers."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise _Terminated(f"terminated by signal {signum}")
+
+
+def write_results(out: Path, meta: dict[str, Any], rows: list[Row], final: bool) -> str:
+    """results.json always (complete=False while running, so a killed run leaves data); md and png at the end."""
+    done = sorted(rows, key=_sort_key())
+    report.add_speedups(done)
+    report.write_json(out / "results.json", {**meta, "complete": final}, done)
+    if not final:
+        return ""
+    table = report.markdown(meta, done)
+    (out / "results.md").write_text(table)
+    try:
+        report.plot(out / "speedup.png", meta, done)
+    except Exception as e:  # a missing plot must not cost the data
+        print(f"plot failed: {_error_text(e)}", file=sys.stderr)
+    return table
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = Settings(args)
@@ -320,31 +356,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or PACKAGE_DIR / "results" / "local" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     meta = metadata(cfg, argv)
-    tasks, bw = plan(cfg)
-    bw.update(timing.copy_bandwidth(cfg.device))
-    meta["copy_bandwidth"] = dict(bw)
+    bandwidth = timing.copy_bandwidth(cfg.device)
+    meta["copy_bandwidth"] = bandwidth
+    tasks = plan(cfg, bandwidth)
+    # An outer `timeout` sends SIGTERM: finish with what we have instead of dying without a report.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
 
     from tqdm import tqdm
 
     rows: list[Row] = []
-    bar = tqdm(tasks, disable=not cfg.progress, unit="case", file=sys.stderr, dynamic_ncols=True)
-    for label, run, skip in bar:
-        bar.set_description(label)
-        if cfg.out_of_time():
-            rows += skip("time budget (--max-minutes) used up")
-            continue
-        rows += run()
-    bar.close()
-    rows.sort(key=_sort_key(cfg))
-    report.add_speedups(rows)
-    meta["wall_s"] = round(time.monotonic() - started, 1)
-    report.write_json(out / "results.json", meta, rows)
-    table = report.markdown(meta, rows)
-    (out / "results.md").write_text(table)
+    stop_reason: str | None = None
+    bar = tqdm(total=len(tasks), disable=not cfg.progress, unit="case", file=sys.stderr, dynamic_ncols=True)
     try:
-        report.plot(out / "speedup.png", meta, rows)
-    except Exception as e:  # a missing plot must not cost the data
-        print(f"plot failed: {_error_text(e)}", file=sys.stderr)
+        for task in tasks:
+            bar.set_description(task.label)
+            if stop_reason is None and cfg.out_of_time():
+                stop_reason = "time budget (--max-minutes) used up"
+            if stop_reason is not None:
+                rows += task.skip(stop_reason)
+            else:
+                try:
+                    rows += task.run()
+                except (_Terminated, KeyboardInterrupt) as e:
+                    stop_reason = f"run interrupted ({e or type(e).__name__})"
+                    rows += task.skip(stop_reason)
+                write_results(out, {**meta, "wall_s": round(time.monotonic() - started, 1)}, rows, final=False)
+            bar.update()
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous)
+    meta["wall_s"] = round(time.monotonic() - started, 1)
+    meta["stopped_early"] = stop_reason
+    table = write_results(out, meta, rows, final=True)
     print(table)
     print(f"results in {out} ({meta['wall_s']} s)")
     return 0
