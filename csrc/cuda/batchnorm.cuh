@@ -70,8 +70,9 @@ inline at::Tensor empty_act(const at::Tensor& like, int64_t n, int64_t c, int64_
 }
 
 // A channels_last (N, C, H, W) tensor seen as the (N*H*W, C) row-major matrix it is in memory.
+// view, not reshape: GEMMs write through these, and a silent copy would lose the result.
 inline at::Tensor rows_view(const at::Tensor& t) {
-  return t.permute({0, 2, 3, 1}).reshape({t.size(0) * t.size(2) * t.size(3), t.size(1)});
+  return t.permute({0, 2, 3, 1}).view({t.size(0) * t.size(2) * t.size(3), t.size(1)});
 }
 
 // An NCHW-contiguous (N, C, H, W) tensor seen as (N, C, H*W).
