@@ -228,6 +228,13 @@ def run_e2e_case(model: str, provider: str, cfg: Settings) -> Row:
             row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(cfg.device)
     except Exception as e:
         row.update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+    # Not for compiled models: saved-tensor hooks would make dynamo trace (and autotune) them again.
+    if row["status"] == "ok" and provider != cases.COMPILE:
+        try:
+            resident = {p.untyped_storage().data_ptr() for p in ts.model.parameters()}
+            row["saved_for_backward_bytes"] = timing.saved_for_backward_bytes(ts.forward_loss, resident)
+        except Exception as e:
+            row["saved_for_backward_error"] = _error_text(e)
     del ts
     _free(cfg.device)
     return row

@@ -44,6 +44,7 @@ class TrainStep:
     """A zero-argument training step and what it processes per call."""
 
     step: Callable[[], None]
+    forward_loss: Callable[[], torch.Tensor]  # the step's forward alone, for measuring what it saves
     batch: int
     model: nn.Module
 
@@ -65,10 +66,12 @@ def make_train_step(model: str, provider: str, *, batch: int, dtype: torch.dtype
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     forward = compile_module(net, device, compile_mode) if provider == COMPILE else net
 
+    def forward_loss() -> torch.Tensor:
+        return F.cross_entropy(forward(images), labels)
+
     def step() -> None:
-        loss = F.cross_entropy(forward(images), labels)
-        loss.backward()
+        forward_loss().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return TrainStep(step=step, batch=batch, model=net)
+    return TrainStep(step=step, forward_loss=forward_loss, batch=batch, model=net)

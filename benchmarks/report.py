@@ -49,7 +49,8 @@ def _note(r: Row) -> str:
 def markdown(meta: dict[str, Any], rows: Sequence[Row]) -> str:
     """Two tables, ops then end-to-end, preceded by the run's device, settings and copy bandwidth."""
     bw = meta.get("copy_bandwidth", {})
-    mem_col = "peak MB" if meta.get("device_type") == "cuda" else "saved MB"
+    gpu = meta.get("device_type") == "cuda"
+    peak_head, peak_rule = (" peak MB |", "---:|") if gpu else ("", "")
     lines = [
         f"# rla_ext benchmarks: {meta.get('device_name')}",
         "",
@@ -60,39 +61,41 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row]) -> str:
         f"Copy bandwidth (clone of {_mb(bw.get('bytes'))} MB): {_f(bw.get('gbps'), '.1f')} GB/s. "
         "MB moved = compulsory traffic of a fused implementation (benchmarks/bytes_model.py); "
         "% BW = achieved / copy bandwidth. "
-        + ("peak MB = device memory one call needs beyond what was allocated before it; "
-           if meta.get("device_type") == "cuda" else "")
+        + ("peak MB = device memory one call needs beyond what was allocated before it (whole step for "
+           "end to end; compiled rows under CUDA graphs use a pool allocated at capture, so theirs reads low); "
+           if gpu else "")
         + "saved MB = tensors autograd keeps for backward, inputs and parameters excluded.",
         "",
         f"| op | pass | shape | provider | median ms | IQR ms | vs eager | vs compile | MB moved | GB/s | % BW "
-        f"| {mem_col} | note |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"|{peak_head} saved MB | note |",
+        f"|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|{peak_rule}---:|---|",
     ]
     for r in rows:
         if r["kind"] != "op":
             continue
         t = r.get("time_ms") or {}
         iqr = (t["q75"] - t["q25"]) if t else None
-        mem = r.get("peak_mem_bytes") if meta.get("device_type") == "cuda" else r.get("saved_for_backward_bytes")
+        peak = f" {_mb(r.get('peak_mem_bytes'))} |" if gpu else ""
         lines.append(
             f"| {r['op']} | {r['pass']} | {r['shape']} | {r['provider']} | {_f(t.get('median'), '.3f')} | "
             f"{_f(iqr, '.3f')} | {_f(r.get('speedup_vs_eager'), '.2f')} | {_f(r.get('speedup_vs_compile'), '.2f')} | "
             f"{_mb(r.get('bytes_moved'))} | {_f(r.get('gbps'), '.1f')} | {_f(r.get('pct_of_copy_bw'), '.1f')} | "
-            f"{_mb(mem)} | {_note(r)} |")
+            f"{peak} {_mb(r.get('saved_for_backward_bytes'))} | {_note(r)} |")
     e2e = [r for r in rows if r["kind"] == "e2e"]
     if e2e:
         lines += ["", "## End to end: one training step (forward, backward, SGD step)", "",
                   "| model | provider | batch | image | median ms | IQR ms | images/s | vs eager | vs compile "
-                  "| peak MB | note |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  f"|{peak_head} saved MB | note |",
+                  f"|---|---|---:|---:|---:|---:|---:|---:|---:|{peak_rule}---:|---|"]
         for r in e2e:
             t = r.get("time_ms") or {}
             iqr = (t["q75"] - t["q25"]) if t else None
+            peak = f" {_mb(r.get('peak_mem_bytes'))} |" if gpu else ""
             lines.append(
                 f"| {r['op']} | {r['provider']} | {r['batch']} | {r.get('image_size', '')} | "
                 f"{_f(t.get('median'), '.1f')} | {_f(iqr, '.1f')} | {_f(r.get('images_per_s'), '.1f')} | "
                 f"{_f(r.get('speedup_vs_eager'), '.2f')} | {_f(r.get('speedup_vs_compile'), '.2f')} | "
-                f"{_mb(r.get('peak_mem_bytes'))} | {_note(r)} |")
+                f"{peak} {_mb(r.get('saved_for_backward_bytes'))} | {_note(r)} |")
     return "\n".join(lines) + "\n"
 
 
