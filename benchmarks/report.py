@@ -36,7 +36,10 @@ def _f(value: float | None, fmt: str) -> str:
 
 
 def _mb(nbytes: float | None) -> str:
-    return _f(None if nbytes is None else nbytes / 2**20, ".1f")
+    if nbytes is None:
+        return ""
+    mb = nbytes / 2**20
+    return _f(mb, ".1f" if mb >= 10 else ".2f")  # small k-channel tensors would all read 0.0
 
 
 def _note(r: Row) -> str:
@@ -65,14 +68,13 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row]) -> str:
            "end to end; compiled rows under CUDA graphs use a pool allocated at capture, so theirs reads low); "
            if gpu else "")
         + "saved MB = tensors autograd keeps for backward, inputs and parameters excluded.",
-        "",
-        f"| op | pass | shape | provider | median ms | IQR ms | vs eager | vs compile | MB moved | GB/s | % BW "
-        f"|{peak_head} saved MB | note |",
-        f"|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|{peak_rule}---:|---|",
     ]
-    for r in rows:
-        if r["kind"] != "op":
-            continue
+    ops = [r for r in rows if r["kind"] == "op"]
+    if ops:
+        lines += ["", f"| op | pass | shape | provider | median ms | IQR ms | vs eager | vs compile | MB moved | GB/s "
+                  f"| % BW |{peak_head} saved MB | note |",
+                  f"|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|{peak_rule}---:|---|"]
+    for r in ops:
         t = r.get("time_ms") or {}
         iqr = (t["q75"] - t["q25"]) if t else None
         peak = f" {_mb(r.get('peak_mem_bytes'))} |" if gpu else ""
