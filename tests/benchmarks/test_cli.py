@@ -51,9 +51,10 @@ def test_traffic_rejects_unknown_pass():
 def test_cli_tiny_run_writes_json_markdown_and_plot(tmp_path):
     out = tmp_path / "results"
     # One small shape, batch 1, one timed call; cuda asked for on purpose to check "unavailable" rows.
+    # --max-minutes lifts --quick's own budget, which a loaded machine could hit before the eager rows.
     cmd = [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--shapes", "C2048xH7",
            "--batch", "1", "--warmup", "0", "--repeats", "1", "--providers", "eager,cuda",
-           "--no-progress", "--out", str(out)]
+           "--max-minutes", "10", "--no-progress", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
