@@ -2,8 +2,8 @@
 
 Rows: both fused ops x stage shapes x {fwd, fwd+bwd} x providers (eager, compile, fused backends),
 then, unless --quick, one RLA-ResNet-50 training step per provider beside a plain ResNet-50.
-Non-compiled providers run first, then compiled ones, then end-to-end, so a --max-minutes budget
-that runs out still leaves the core comparison. Nothing that fails inside a row stops the run: the
+Eager and fused ops run first, then their training steps, then the compiled ops and steps (the
+slow compilations), so a --max-minutes budget that runs out still leaves the core comparison. Nothing that fails inside a row stops the run: the
 row records the error.
 """
 from __future__ import annotations
