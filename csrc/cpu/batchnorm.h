@@ -33,6 +33,54 @@ constexpr int64_t kRowsPerChunk = 128;
 // without reassociating floating-point additions (which it may not do on its own).
 constexpr int64_t kLanes = 16;
 
+// The hot loops below are compiled twice, for AVX2 and for the baseline x86-64 ISA, and the loader
+// picks one for the running CPU: the extension is built without -mavx2 (it must load anywhere), which
+// would otherwise leave them at 4-wide SSE. The functors passed in are inlined into each clone.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RLA_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define RLA_SIMD_CLONES
+#endif
+
+// Rows [r0, r1) of a channels_last tensor: f(i, c, p1[c], p2[c]) for every element.
+template <typename acc_t, typename F>
+RLA_SIMD_CLONES void reduce_rows(int64_t r0, int64_t r1, int64_t C, acc_t* p1, acc_t* p2, const F& f) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t base = r * C;
+    for (int64_t c = 0; c < C; ++c) f(base + c, c, p1[c], p2[c]);
+  }
+}
+
+// One NCHW plane of channel c (HW values from `base`), summed in kLanes independent lanes.
+template <typename acc_t, typename F>
+RLA_SIMD_CLONES void reduce_plane(int64_t base, int64_t HW, int64_t c, acc_t& out1, acc_t& out2, const F& f) {
+  acc_t l1[kLanes] = {}, l2[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= HW; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) f(base + i + j, c, l1[j], l2[j]);
+  for (int64_t j = 0; i < HW; ++i, ++j) f(base + i, c, l1[j], l2[j]);
+  acc_t p1 = 0, p2 = 0;
+  for (int64_t j = 0; j < kLanes; ++j) {
+    p1 += l1[j];
+    p2 += l2[j];
+  }
+  out1 = p1;
+  out2 = p2;
+}
+
+template <typename F>
+RLA_SIMD_CLONES void apply_rows(int64_t r0, int64_t r1, int64_t C, const F& f) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t base = r * C;
+    for (int64_t c = 0; c < C; ++c) f(base + c, c);
+  }
+}
+
+template <typename F>
+RLA_SIMD_CLONES void apply_plane(int64_t base, int64_t HW, int64_t c, const F& f) {
+  for (int64_t i = 0; i < HW; ++i) f(base + i, c);
+}
+
 // Adds f's two contributions of every element of each channel into sum1[c], sum2[c].
 // f(i, c, a1, a2) reads element i (linear offset) of channel c and adds to a1, a2.
 template <typename acc_t, typename F>
@@ -45,12 +93,7 @@ void reduce_two_per_channel(const ChannelLayout& L, acc_t* sum1, acc_t* sum2, co
     at::parallel_for(0, chunks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         acc_t* p1 = part.data() + 2 * b * C;
-        acc_t* p2 = p1 + C;
-        const int64_t r1 = std::min(rows, (b + 1) * kRowsPerChunk);
-        for (int64_t r = b * kRowsPerChunk; r < r1; ++r) {
-          const int64_t base = r * C;
-          for (int64_t c = 0; c < C; ++c) f(base + c, c, p1[c], p2[c]);
-        }
+        reduce_rows(b * kRowsPerChunk, std::min(rows, (b + 1) * kRowsPerChunk), C, p1, p1 + C, f);
       }
     });
     std::fill(sum1, sum1 + C, acc_t(0));
@@ -65,22 +108,12 @@ void reduce_two_per_channel(const ChannelLayout& L, acc_t* sum1, acc_t* sum2, co
     }
     return;
   }
-  const int64_t HW = L.HW;
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       acc_t t1 = 0, t2 = 0;
       for (int64_t n = 0; n < L.N; ++n) {
-        const int64_t base = (n * C + c) * HW;
-        acc_t l1[kLanes] = {}, l2[kLanes] = {};
-        int64_t i = 0;
-        for (; i + kLanes <= HW; i += kLanes)
-          for (int64_t j = 0; j < kLanes; ++j) f(base + i + j, c, l1[j], l2[j]);
-        for (int64_t j = 0; i < HW; ++i, ++j) f(base + i, c, l1[j], l2[j]);
-        acc_t p1 = 0, p2 = 0;
-        for (int64_t j = 0; j < kLanes; ++j) {
-          p1 += l1[j];
-          p2 += l2[j];
-        }
+        acc_t p1, p2;
+        reduce_plane((n * C + c) * L.HW, L.HW, c, p1, p2, f);
         t1 += p1;
         t2 += p2;
       }
@@ -95,23 +128,14 @@ template <typename F>
 void for_each_element(const ChannelLayout& L, const F& f) {
   const int64_t C = L.C;
   if (L.channels_last) {
-    const int64_t rows = L.N * L.HW;
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t base = r * C;
-        for (int64_t c = 0; c < C; ++c) f(base + c, c);
-      }
-    });
+    at::parallel_for(0, L.N * L.HW, grain, [&](int64_t r0, int64_t r1) { apply_rows(r0, r1, C, f); });
     return;
   }
   const int64_t HW = L.HW;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
   at::parallel_for(0, L.N * C, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t c = p % C, base = p * HW;
-      for (int64_t i = 0; i < HW; ++i) f(base + i, c);
-    }
+    for (int64_t p = p0; p < p1; ++p) apply_plane(p * HW, HW, p % C, f);
   });
 }
 

@@ -45,8 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt), w = weight.contiguous();
   const int64_t C = x.size(1), k = h.size(1), Co = w.size(0);
-  at::Tensor z = at::empty({x.size(0), Co, x.size(2), x.size(3)}, x.options().memory_format(fmt));
-  conv1x1(z, w.narrow(1, 0, C), x, cl, false);
+  at::Tensor z = conv1x1_new(x, w.narrow(1, 0, C), fmt);
   conv1x1(z, w.narrow(1, C, k), h, cl, true);
 
   StatInputs st = stat_inputs(kOp, mean_in, var_in, Co, stat_dtype(x.scalar_type()));
