@@ -63,7 +63,8 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row]) -> str:
         "",
         f"Copy bandwidth (clone of {_mb(bw.get('bytes'))} MB): {_f(bw.get('gbps'), '.1f')} GB/s. "
         "MB moved = compulsory traffic of a fused implementation (benchmarks/bytes_model.py); "
-        "% BW = achieved / copy bandwidth. "
+        "% BW = achieved / copy bandwidth"
+        + ("; " if gpu else " (small working sets stay in CPU caches, so this can pass 100%); ")
         + ("peak MB = device memory one call needs beyond what was allocated before it (whole step for "
            "end to end; compiled rows under CUDA graphs use a pool allocated at capture, so theirs reads low); "
            if gpu else "")
