@@ -61,7 +61,7 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row]) -> str:
         f"triton {meta.get('triton_version')} · dtype {meta.get('dtype')} · batch {meta.get('batch')} · "
         f"channels_last {meta.get('channels_last')} · compile mode {meta.get('compile_mode')}",
         "",
-        f"Copy bandwidth (clone of {_mb(bw.get('bytes'))} MB): {_f(bw.get('gbps'), '.1f')} GB/s. "
+        f"Copy bandwidth (copy of {_mb(bw.get('bytes'))} MB): {_f(bw.get('gbps'), '.1f')} GB/s. "
         "MB moved = compulsory traffic of a fused implementation (benchmarks/bytes_model.py); "
         "% BW = achieved / copy bandwidth"
         + ("; " if gpu else " (small working sets stay in CPU caches, so this can pass 100%); ")
