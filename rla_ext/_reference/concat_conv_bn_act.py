@@ -8,9 +8,15 @@ from torch import Tensor
 
 def concat_conv_bn_act(x: Tensor, h: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
                        running_mean: Tensor | None, running_var: Tensor | None, training: bool,
-                       momentum: float, eps: float, activation: str) -> Tensor:
-    """x (N,C,H,W), h (N,k,H,W), weight (Co,C+k[,1,1]) -> (N,Co,H,W). Materialises cat(x, h)."""
+                       momentum: float, eps: float, activation: str, process_group: object | None = None) -> Tensor:
+    """x (N,C,H,W), h (N,k,H,W), weight (Co,C+k[,1,1]) -> (N,Co,H,W). Materialises cat(x, h).
+
+    With a `process_group` (training only) the BatchNorm statistics are those of all ranks' batches."""
     w = weight if weight.dim() == 4 else weight[:, :, None, None]
     z = F.conv2d(torch.cat((x, h), dim=1), w)
-    out = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    if process_group is not None:
+        from rla_ext.ops._distributed import sync_batch_norm
+        out = sync_batch_norm(z, running_mean, running_var, bn_weight, bn_bias, momentum, eps, process_group)
+    else:
+        out = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     return F.relu(out) if activation == "relu" else out

@@ -11,6 +11,7 @@ from torch import Tensor
 from rla_ext import _backend, _reference
 from rla_ext.ops import _autocast
 from rla_ext.ops import _batchnorm as bn
+from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
 from rla_ext.ops._kernels import empty_activation, forward_with_stats, kernels
 
@@ -79,10 +80,44 @@ class ConcatConvBnActFunction(torch.autograd.Function):
         return dx, dh, dw, dgamma, dbeta, None, None, None, None, None, None, None
 
 
+class SyncConcatConvBnActFunction(torch.autograd.Function):
+    """Training with statistics synchronised over a process group, on the fused kernels.
+
+    Forward: the kernel in training mode gives z and the local statistics; these are all-reduced and
+    z is normalised with the GLOBAL ones here. Backward: the BN statistics terms are all-reduced
+    (bn_input_grad), then the kernel's EVAL-mode backward (no statistics terms, mask already applied)
+    carries dz = gamma * rstd * g' through its GEMMs. dgamma / dbeta are this rank's local sums.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h, weight, gamma, beta, running_mean, running_var, momentum, eps, relu, backend, group):
+        _, z, mean, var = _fwd(x, h, weight, gamma, beta, None, None, True, momentum, eps, relu, backend)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        mean, var, total = _distributed.global_stats(mean, var, count, group)
+        _distributed.update_running(running_mean, running_var, mean, var, total, momentum)
+        _, out = _distributed.normalise(z, gamma, beta, mean, var, eps)
+        out = (out.clamp_min(0) if relu else out).to(x.dtype)
+        ctx.save_for_backward(x, h, weight, gamma, beta, z, mean, var, total)
+        ctx.config = (eps, relu, backend, group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, h, weight, gamma, beta, z, mean, var, total = ctx.saved_tensors
+        eps, relu, backend, group = ctx.config
+        xhat, pre = _distributed.normalise(z, gamma, beta, mean, var, eps)
+        g = grad_out.to(xhat.dtype)
+        if relu:
+            g = g * (pre > 0)
+        g, dgamma, dbeta = _distributed.bn_input_grad(g, xhat, total, group)
+        dx, dh, dw, _, _ = _bwd(g.to(x.dtype), x, h, weight, gamma, beta, z, mean, var, eps, False, False, backend)
+        return dx, dh, dw, dgamma, dbeta, None, None, None, None, None, None, None
+
+
 def concat_conv_bn_act(x: Tensor, h: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
                        running_mean: Tensor | None, running_var: Tensor | None, *, training: bool,
                        momentum: float = 0.1, eps: float = 1e-5, activation: str = "relu",
-                       backend: str | None = None) -> Tensor:
+                       backend: str | None = None, process_group: object | None = None) -> Tensor:
     """``act(batch_norm(conv1x1(cat(x, h), weight)))`` with no concatenation built or saved.
 
     Shapes:
@@ -96,6 +131,11 @@ def concat_conv_bn_act(x: Tensor, h: Tensor, weight: Tensor, bn_weight: Tensor |
         momentum: the already-resolved averaging factor for the running statistics.
         activation: "relu" or "none".
         backend: "torch", "cpp", "cuda", "triton" or "auto"; None uses the selection in force.
+        process_group: a ``torch.distributed`` process group to synchronise the batch statistics over
+            (SyncBatchNorm semantics: every rank normalises with the statistics of the union of the
+            ranks' batches, and input gradients include the other ranks' terms; parameter gradients
+            are this rank's, for DDP to reduce). Only used when ``training`` and the group has more
+            than one rank; None (default): local statistics. Every rank must make the same calls.
     Dtypes: float16, bfloat16, float32, float64 (statistics in float32, float64 for float64). Under
     ``torch.autocast`` x, h and weight run in the autocast dtype (float64 excepted), like a convolution.
     """
@@ -117,12 +157,18 @@ def concat_conv_bn_act(x: Tensor, h: Tensor, weight: Tensor, bn_weight: Tensor |
     activation = v.check_activation_name(activation)
     bn.check_eval_stats(running_mean, running_var, training)
     bn.check_training_batch(n * hh * ww, (n, co, hh, ww), training)
+    group = _distributed.check_process_group(process_group)
+    sync = _distributed.syncs(group, training)
     name = _backend.resolve(backend, x.device)
     if name == "torch":
         return _reference.concat_conv_bn_act(x, h, weight, bn_weight, bn_bias, running_mean, running_var, training,
-                                             momentum, eps, activation)
+                                             momentum, eps, activation, process_group=group if sync else None)
     fmt = v.memory_format_of(x)
     gamma, beta = bn.affine(bn_weight, bn_bias, co, x)
+    if sync:
+        return SyncConcatConvBnActFunction.apply(v.in_format(x, fmt), v.in_format(h, fmt), w2, gamma, beta,
+                                                 running_mean, running_var, momentum, eps, activation == "relu",
+                                                 name, group)
     out, *_ = ConcatConvBnActFunction.apply(v.in_format(x, fmt), v.in_format(h, fmt), w2, gamma, beta, running_mean,
                                             running_var, training, momentum, eps, activation == "relu", name)
     return out

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from rla_ext import _backend, _reference
 from rla_ext.ops import _autocast
 from rla_ext.ops import _batchnorm as bn
+from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
 from rla_ext.ops._kernels import empty_activation, forward_with_stats, kernels
 
@@ -79,9 +81,63 @@ class RLAUpdateFunction(torch.autograd.Function):
         return dh, dy, dw_out, dgamma, dbeta, None, None, dw_rec, None, None, None, None, None
 
 
+class SyncRLAUpdateFunction(torch.autograd.Function):
+    """Training with statistics synchronised over a process group.
+
+    Forward: the kernel in training mode gives s (pooled h + out1x1(y), one fused pass over y) and the
+    local statistics; after the all-reduce, tanh(bn(s)) with the GLOBAL statistics and the 3x3 conv run
+    here in ATen. Backward is written out in ATen (the kernel's backward starts at the 3x3 conv's
+    output, before the point where the all-reduced statistics terms enter).
+    """
+
+    @staticmethod
+    def forward(ctx, h, y, out_weight, gamma, beta, running_mean, running_var, rec_weight, pool, momentum, eps,
+                backend, group):
+        _, s, mean, var = _fwd(h, y, out_weight, gamma, beta, None, None, rec_weight, pool, True, momentum, eps,
+                               backend)
+        count = y.shape[0] * y.shape[2] * y.shape[3]
+        mean, var, total = _distributed.global_stats(mean, var, count, group)
+        _distributed.update_running(running_mean, running_var, mean, var, total, momentum)
+        _, pre = _distributed.normalise(s, gamma, beta, mean, var, eps)
+        with _autocast.disabled(y.device.type):
+            out = F.conv2d(torch.tanh(pre).to(y.dtype), rec_weight, padding=1)
+        ctx.save_for_backward(h, y, out_weight, gamma, beta, rec_weight, s, mean, var, total)
+        ctx.config = (pool, eps, group)
+        return v.in_format(out, v.memory_format_of(y))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, y, out_weight, gamma, beta, rec_weight, s, mean, var, total = ctx.saved_tensors
+        pool, eps, group = ctx.config
+        fmt = v.memory_format_of(y)
+        with _autocast.disabled(y.device.type):
+            xhat, pre = _distributed.normalise(s, gamma, beta, mean, var, eps)
+            a = torch.tanh(pre)
+            a_t = a.to(y.dtype)
+            grad_out = v.in_format(grad_out.to(y.dtype), fmt)
+            da = torch.nn.grad.conv2d_input(a_t.shape, rec_weight, grad_out, padding=1)
+            drec = torch.nn.grad.conv2d_weight(a_t, rec_weight.shape, grad_out, padding=1)
+            g = da.to(a.dtype) * (1 - a * a)
+            g, dgamma, dbeta = _distributed.bn_input_grad(g, xhat, total, group)
+            ds = (g * (gamma * torch.rsqrt(var + eps))[None, :, None, None]).to(y.dtype)
+            k, c = out_weight.shape
+            dy = v.in_format(torch.nn.grad.conv2d_input(y.shape, out_weight.view(k, c, 1, 1), ds), fmt)
+            dw_out = torch.nn.grad.conv2d_weight(y, (k, c, 1, 1), ds).view(k, c)
+            if pool:
+                # 2x2 average pool, floor mode: each pooled value spreads a quarter to its window;
+                # rows / columns beyond 2H / 2W get zero gradient.
+                hy, wy = ds.shape[2:]
+                dh = torch.zeros_like(h)
+                dh[:, :, :2 * hy, :2 * wy] = (ds * 0.25).repeat_interleave(2, 2).repeat_interleave(2, 3)
+            else:
+                dh = ds
+        return (v.in_format(dh, fmt), dy, dw_out, dgamma, dbeta, None, None, drec, None, None, None, None, None)
+
+
 def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
                running_mean: Tensor | None, running_var: Tensor | None, rec_weight: Tensor, *, pool: bool = False,
-               training: bool, momentum: float = 0.1, eps: float = 1e-5, backend: str | None = None) -> Tensor:
+               training: bool, momentum: float = 0.1, eps: float = 1e-5, backend: str | None = None,
+               process_group: object | None = None) -> Tensor:
     """``conv3x3(tanh(batch_norm(avgpool2x2?(h) + conv1x1(y, out_weight))), rec_weight)``.
 
     Shapes:
@@ -91,7 +147,8 @@ def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | Non
         bn_weight, bn_bias, running_mean, running_var: (k,) or None (this block's BatchNorm).
         rec_weight: (k, k, 3, 3) or (k, 9k), the stage's shared 3x3 conv (padding 1, no bias).
         returns: (N, k, H, W), in y's memory format (contiguous or channels_last).
-    Args: as ``concat_conv_bn_act`` (training, momentum, eps, backend); pool as above.
+    Args: as ``concat_conv_bn_act`` (training, momentum, eps, backend, process_group: the BatchNorm's
+        batch statistics synchronised over that torch.distributed group when training); pool as above.
     Dtypes: float16, bfloat16, float32, float64 (statistics in float32, float64 for float64). Under
     ``torch.autocast`` h, y and both conv weights run in the autocast dtype (float64 excepted).
     """
@@ -118,12 +175,17 @@ def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | Non
     training, momentum, eps = v.check_scalars(training, momentum, eps)
     bn.check_eval_stats(running_mean, running_var, training)
     bn.check_training_batch(n * hy * wy, (n, k, hy, wy), training)
+    group = _distributed.check_process_group(process_group)
+    sync = _distributed.syncs(group, training)
     name = _backend.resolve(backend, y.device)
     if name == "torch":
         return _reference.rla_update(h, y, out_weight, bn_weight, bn_bias, running_mean, running_var, rec_weight,
-                                     pool, training, momentum, eps)
+                                     pool, training, momentum, eps, process_group=group if sync else None)
     fmt = v.memory_format_of(y)
     gamma, beta = bn.affine(bn_weight, bn_bias, k, y)
+    if sync:
+        return SyncRLAUpdateFunction.apply(v.in_format(h, fmt), v.in_format(y, fmt), w_out, gamma, beta, running_mean,
+                                           running_var, w_rec, pool, momentum, eps, name, group)
     out, *_ = RLAUpdateFunction.apply(v.in_format(h, fmt), v.in_format(y, fmt), w_out, gamma, beta, running_mean,
                                       running_var, w_rec, pool, training, momentum, eps, name)
     return out
