@@ -6,3 +6,14 @@ import torch
 # before any kernel is defined, i.e. before rla_ext.triton_kernels is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Property-based tests: a small, reproducible "ci" profile by default; HYPOTHESIS_PROFILE=dev
+# explores many more examples locally.
+try:
+    from hypothesis import settings
+except ImportError:  # hypothesis is a test extra; the property tests skip themselves without it
+    pass
+else:
+    settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True, print_blob=True)
+    settings.register_profile("dev", max_examples=500, deadline=None, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
