@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from rla_ext.nn._bn_args import bn_args
+from rla_ext.nn.sync_batchnorm import process_group_of
 from rla_ext.ops import rla_update
 
 
@@ -41,7 +42,7 @@ def rla_step(h: Tensor, y: Tensor, conv_out: nn.Conv2d, recurrent_conv: nn.Conv2
     a = bn_args(bn)
     return rla_update(h, y, _as(conv_out.weight, y), a.weight, a.bias, a.running_mean, a.running_var,
                       _as(recurrent_conv.weight, y), pool=pool, training=a.training, momentum=a.momentum,
-                      eps=a.eps, backend=backend)
+                      eps=a.eps, backend=backend, process_group=process_group_of(bn))
 
 
 class RLAAggregator(nn.Module):

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from rla_ext.nn._bn_args import bn_args
 from rla_ext.nn.attention import EfficientChannelAttention, SqueezeExcite
+from rla_ext.nn.sync_batchnorm import process_group_of
 from rla_ext.ops import concat_conv_bn_act
 
 NormLayer = Callable[[int], nn.Module]
@@ -108,7 +109,7 @@ class RLABottleneck(_RLABlock):
         a = bn_args(bn1)
         out = concat_conv_bn_act(x, h, _weight_as(self.conv1.weight, x), a.weight, a.bias, a.running_mean,
                                  a.running_var, training=a.training, momentum=a.momentum, eps=a.eps,
-                                 activation="relu", backend=self.backend)
+                                 activation="relu", backend=self.backend, process_group=process_group_of(bn1))
         out = F.relu(bn2(self.conv2(out)))
         out = bn3(self.conv3(out))
         return self._finish(out, x)
