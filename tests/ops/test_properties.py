@@ -15,8 +15,8 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from rla_ext.ops import concat_conv_bn_act, rla_update  # noqa: E402
-from rla_testing import (compare_with_reference, dtype_supported, fused_backends, make_ccba_inputs,  # noqa: E402
-                         make_update_inputs)
+from rla_testing import (HALF, compare_with_reference, dtype_supported, fused_backends,  # noqa: E402
+                         make_ccba_inputs, make_update_inputs)
 
 BACKENDS = fused_backends("cpu") or [pytest.param("none", marks=pytest.mark.skip(reason="no fused CPU backend"))]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -60,7 +60,11 @@ def test_concat_conv_bn_act_property(backend, data):
     cfg = data.draw(configs(backend, "concat_conv_bn_act"))
     inputs = make_ccba_inputs(cfg["n"], cfg["c"], cfg["k"], cfg["co"], cfg["hw"], cfg["dtype"], "cpu", cfg["fmt"],
                               seed=cfg["seed"], affine=cfg["affine"])
-    activation = data.draw(st.sampled_from(["relu", "none"]))
+    # ReLU's gradient jumps at 0: in half precision a pre-activation within rounding of 0 may land on
+    # either side (seen: fused 0.002 where float64 gives -0.0005), moving a whole gradient term, which
+    # no error bar relative to eager can absorb. Half dtypes draw "none"; the fixed-case tests cover
+    # ReLU in half precision.
+    activation = data.draw(st.sampled_from(["relu", "none"] if cfg["dtype"] not in HALF else ["none"]))
     _check(concat_conv_bn_act, inputs, backend, cfg, cfg["n"] * cfg["hw"][0] * cfg["hw"][1], activation=activation)
 
 
