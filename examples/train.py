@@ -2,6 +2,7 @@
 
     python examples/train.py --epochs 5                      # rla_resnet20, 16x16 inputs
     python examples/train.py --backend torch --amp --channels-last --arch rla_resnet29_bottleneck
+    torchrun --nproc_per_node=2 examples/train.py --sync-bn  # DDP, BatchNorm statistics over both ranks
 
 The 8x8 digit images are upsampled (bilinear) to --size pixels and standardised; 20% are held out.
 Prints the loss as it trains (tqdm) and the held-out accuracy after every epoch.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over all ranks (convert_sync_batchnorm)")
     p.add_argument("--json", default=None, help="write per-step losses and accuracies to this file")
     return p.parse_args(argv)
 
@@ -83,7 +87,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    # torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: data-parallel training, each rank a slice of every batch.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
     device = torch.device(args.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in load_digits(args.size, args.seed))
     x_tr, x_te = x_tr.contiguous(memory_format=fmt), x_te.contiguous(memory_format=fmt)
@@ -91,6 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
     model = models.get_model(args.arch, num_classes=10, rla_channel=args.rla_channel, backend=args.backend,
                              in_channels=1, shared_blocks=args.shared_blocks)
     model = model.to(device, memory_format=fmt)
+    if args.sync_bn:
+        from rla_ext.nn import convert_sync_batchnorm
+        model = convert_sync_batchnorm(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
@@ -108,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps,
                                                                             steps_per_epoch * args.epochs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(total, 1), pct_start=0.15)
-    bar = tqdm(total=total, disable=args.no_progress or tqdm is None, desc=args.arch) if tqdm else None
+    quiet = rank != 0  # one progress bar and report, from rank 0
+    bar = tqdm(total=total, disable=args.no_progress or quiet, desc=args.arch) if tqdm else None
     gen = torch.Generator().manual_seed(args.seed + 1)
     losses: list[float] = []
     accuracy: list[float] = []
@@ -120,8 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
             if step >= total:
                 break
             idx = perm[i:i + args.batch_size]
-            if len(idx) < 2:  # BatchNorm needs two samples in training
+            if len(idx) < 2 * world:  # BatchNorm needs two samples per rank in training
                 continue
+            idx = idx[rank::world]
             with autocast():
                 loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
             opt.zero_grad(set_to_none=True)
@@ -146,8 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"done: {step} steps in {seconds:.1f} s, backend {backend}, final held-out accuracy "
           f"{100 * accuracy[-1]:.2f}%")
     result = {"losses": losses, "accuracy": accuracy, "seconds": seconds, "steps": step}
-    if args.json:
+    if args.json and rank == 0:
         Path(args.json).write_text(json.dumps(result))
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return result
 
 
