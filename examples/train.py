@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
             scaler.update()
             sched.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
         bar.close()
     seconds = time.perf_counter() - start
     backend = args.backend or rla_ext.get_backend()
+    if backend == "auto":
+        backend = f"auto -> {rla_ext.available_backends(device)[0]}"
     print(f"done: {step} steps in {seconds:.1f} s, backend {backend}, final held-out accuracy "
           f"{100 * accuracy[-1]:.2f}%")
     result = {"losses": losses, "accuracy": accuracy, "seconds": seconds, "steps": step}
