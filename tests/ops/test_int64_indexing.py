@@ -23,7 +23,7 @@ from rla_testing import clone_inputs, make_ccba_inputs, make_update_inputs
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("RLA_EXT_BIG_TESTS") != "1",
-                       reason="needs ~12 GB and minutes: set RLA_EXT_BIG_TESTS=1 to run"),
+                       reason="needs ~15 GB and minutes: set RLA_EXT_BIG_TESTS=1 to run"),
     pytest.mark.skipif("cpp" not in rla_ext.available_backends("cpu"), reason="the cpp backend is not built"),
 ]
 DTYPE = torch.bfloat16
