@@ -20,6 +20,10 @@ def kernel_problem(backend: str) -> str | None:
     return None
 
 
+INTERPRETED_SKIP = ("Triton runs on CPU only through its interpreter (minutes per model here); the "
+                    "reduced-model parity tests cover it, and custom-op tracing is backend-independent")
+
+
 def backend_params(heavy: bool = False) -> list:
     """Every backend rla_ext.available_backends('cpu') lists here. `heavy` tests skip Triton's CPU
     interpreter (correct but orders of magnitude slower; the reduced models cover it)."""
@@ -30,8 +34,7 @@ def backend_params(heavy: bool = False) -> list:
         if problem:
             marks.append(pytest.mark.skip(reason=problem))
         elif heavy and b == "triton":
-            marks.append(pytest.mark.skip(reason="Triton runs on CPU only through its interpreter, far too slow "
-                                                 "for a full RLA-ResNet-50; the reduced-model tests cover it"))
+            marks.append(pytest.mark.skip(reason=INTERPRETED_SKIP))
         params.append(pytest.param(b, marks=marks, id=b))
     return params
 

@@ -13,7 +13,7 @@ def _model(backend):
     return models.rla_resnet29_bottleneck(10, 8, backend=backend)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(heavy=True))
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_compile_fullgraph_aot_eager(backend, training):
     """aot_eager traces forward AND backward through the ops' fake kernels; fullgraph forbids breaks."""
@@ -34,7 +34,7 @@ def test_compile_fullgraph_aot_eager(backend, training):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(heavy=True))
 def test_compile_inductor_train_step(backend):
     eager, src = _model(backend), _model(backend)
     compiled = torch.compile(src, fullgraph=True)
@@ -45,7 +45,7 @@ def test_compile_inductor_train_step(backend):
     assert all(p.grad is not None for p in src.parameters())
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(heavy=True))
 def test_export_eval_model(backend):
     m = _model(backend).eval()
     x = torch.randn(2, 3, 16, 16)

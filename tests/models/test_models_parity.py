@@ -54,6 +54,10 @@ SMALL = {
 @pytest.mark.parametrize("arch", list(SMALL))
 def test_small_models_forward_backward(arch, backend):
     build, build_ref, size = SMALL[arch]
+    if backend == "triton":  # interpreted on CPU: keep to the two block kinds, at a smaller size
+        if arch not in ("bottleneck", "cifar_basic"):
+            pytest.skip("Triton's CPU interpreter is slow; bottleneck and cifar_basic cover its kernels")
+        size //= 2
     torch.manual_seed(1)
     model, ref = _pair(build(backend), build_ref(), seed=2)
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
