@@ -17,3 +17,5 @@ else:
     settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True, print_blob=True)
     settings.register_profile("dev", max_examples=500, deadline=None, print_blob=True)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+from rla_testing import one_thread  # noqa: E402,F401  (fixture shared by the model-level folders)

@@ -150,3 +150,16 @@ def compare_with_reference(op, inputs: dict, backend: str, dtype: torch.dtype, *
     for name in ref[2]:
         assert_close(got[2][name], ref[2][name], dtype, name, ref64[2][name] if ref64 else None)
     return got[0]
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread.
+
+    Model-level tests run many small float64 convolutions; on a busy 2-core machine OpenMP threads
+    oversubscribe and run 50x slower, while one thread is fast and deterministic.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from rla_ext import _extension
 from rla_ext.ops import _batchnorm
+from rla_ext.ops import _validation as v
 
 FUSED_BACKENDS = ("cpp", "cuda", "triton")
 
@@ -55,3 +56,12 @@ def empty_activation(like: Tensor, channels: int, height: int, width: int,
                      fmt: torch.memory_format) -> Tensor:
     """An uninitialised (N, channels, height, width) tensor in memory format `fmt` (for fake kernels)."""
     return like.new_empty((like.shape[0], channels, height, width)).contiguous(memory_format=fmt)
+
+
+def fake_forward_outputs(like: Tensor, channels: int, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fake (out, saved, mean, var) of a forward kernel: two activations shaped like `like` with
+    `channels` channels in its memory format, and two per-channel statistics in gamma's dtype."""
+    fmt = v.memory_format_of(like)
+    h, w = like.shape[2], like.shape[3]
+    return (empty_activation(like, channels, h, w, fmt), empty_activation(like, channels, h, w, fmt),
+            gamma.new_empty((channels,)), gamma.new_empty((channels,)))

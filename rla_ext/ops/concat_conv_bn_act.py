@@ -13,7 +13,7 @@ from rla_ext.ops import _autocast
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
-from rla_ext.ops._kernels import empty_activation, forward_with_stats, kernels
+from rla_ext.ops._kernels import empty_activation, fake_forward_outputs, forward_with_stats, kernels
 
 _OP = "concat_conv_bn_act"
 
@@ -33,11 +33,7 @@ def _fwd(x: Tensor, h: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, runn
 
 @_fwd.register_fake
 def _fwd_fake(x, h, weight, gamma, beta, running_mean, running_var, training, momentum, eps, relu, backend):
-    fmt = v.memory_format_of(x)
-    co = weight.shape[0]
-    out = empty_activation(x, co, x.shape[2], x.shape[3], fmt)
-    z = empty_activation(x, co, x.shape[2], x.shape[3], fmt)
-    return out, z, gamma.new_empty((co,)), gamma.new_empty((co,))
+    return fake_forward_outputs(x, weight.shape[0], gamma)
 
 
 @torch.library.custom_op("rla_ext::concat_conv_bn_act_bwd", mutates_args=())

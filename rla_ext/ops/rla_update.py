@@ -10,7 +10,7 @@ from rla_ext.ops import _autocast
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
-from rla_ext.ops._kernels import empty_activation, forward_with_stats, kernels
+from rla_ext.ops._kernels import empty_activation, fake_forward_outputs, forward_with_stats, kernels
 
 _OP = "rla_update"
 
@@ -31,11 +31,7 @@ def _fwd(h: Tensor, y: Tensor, out_weight: Tensor, gamma: Tensor, beta: Tensor, 
 @_fwd.register_fake
 def _fwd_fake(h, y, out_weight, gamma, beta, running_mean, running_var, rec_weight, pool, training, momentum, eps,
               backend):
-    fmt = v.memory_format_of(y)
-    k = out_weight.shape[0]
-    out = empty_activation(y, k, y.shape[2], y.shape[3], fmt)
-    s = empty_activation(y, k, y.shape[2], y.shape[3], fmt)
-    return out, s, gamma.new_empty((k,)), gamma.new_empty((k,))
+    return fake_forward_outputs(y, out_weight.shape[0], gamma)
 
 
 @torch.library.custom_op("rla_ext::rla_update_bwd", mutates_args=())
