@@ -108,6 +108,7 @@ def plot(path: Path, meta: dict[str, Any], rows: Sequence[Row]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
     ops = list(dict.fromkeys((r["op"], r["pass"]) for r in rows if r["kind"] == "op"))
     e2e = [r for r in rows if r["kind"] == "e2e" and r["status"] == "ok"]
@@ -128,9 +129,13 @@ def plot(path: Path, meta: dict[str, Any], rows: Sequence[Row]) -> None:
                 s = match[0].get("speedup_vs_eager") if match else None
                 vals.append(s if s is not None else math.nan)  # no bar: failed, skipped or missing
             xs = [x + (j - (len(providers) - 1) / 2) * width for x in range(len(shapes))]
-            ax.bar(xs, vals, width=width, label=provider)
+            # Bars grow from 1 (up: faster than eager, down: slower), labelled with their value.
+            bars = ax.bar(xs, [v - 1.0 for v in vals], bottom=1.0, width=width, label=provider)
+            ax.bar_label(bars, labels=[f"{v:.2f}" if v == v else "" for v in vals], fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")  # 2x faster and 2x slower should look equally far from 1
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
         ax.set_xticks(range(len(shapes)), shapes)
         ax.set_title(f"{op} {pass_}")
         ax.set_ylabel("speedup vs eager")
