@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <string>
 
 #include "cpu/batchnorm.h"
@@ -78,20 +79,6 @@ inline at::Tensor pixel_matrix(const at::Tensor& t) {
 }
 inline at::Tensor plane_batch(const at::Tensor& t) { return t.view({t.size(0), t.size(1), -1}); }
 
-// A fresh 1x1 conv output w @ in, by ATen's convolution: on x86 it goes to oneDNN, which beats the
-// BLAS GEMM on these skinny shapes (k = 32 outputs; measured on 2 cores).
-inline at::Tensor conv1x1_new(const at::Tensor& in, const at::Tensor& w, at::MemoryFormat fmt) {
-  return at::conv2d(in, w.contiguous().view({w.size(0), w.size(1), 1, 1})).contiguous(fmt);
-}
-
-// The weight gradient of a 1x1 conv as a fresh (Cout, Cin) matrix, through ATen's convolution
-// backward (oneDNN) for the same reason.
-inline at::Tensor conv1x1_weight_grad_new(const at::Tensor& dout, const at::Tensor& in, const at::Tensor& w) {
-  auto grads = at::convolution_backward(dout, in, w.contiguous().view({w.size(0), w.size(1), 1, 1}), c10::nullopt,
-                                        {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1, {false, true, false});
-  return std::get<1>(grads).reshape({w.size(0), w.size(1)}).contiguous();
-}
-
 // out[n, :, p] (+)= w @ in[n, :, p] for every pixel p: a 1x1 conv, out and in in format `fmt`.
 inline void conv1x1(at::Tensor& out, const at::Tensor& w, const at::Tensor& in, bool cl, bool accumulate) {
   if (cl) {
@@ -106,6 +93,30 @@ inline void conv1x1(at::Tensor& out, const at::Tensor& w, const at::Tensor& in, 
   }
 }
 
+// A fresh 1x1 conv output w @ in (w a (Cout, Cin) matrix, any strides). ATen's convolution goes to
+// oneDNN on x86, which beats the BLAS GEMM on the many-pixel shapes (k = 32 outputs: 1.2 vs 1.7 ms
+// at N=8, C=512, 28x28 on 2 cores); with fewer pixel rows than channels (the 7x7 and 14x14 stages at
+// small batch) its channels_last kernel falls behind the GEMM on the pixel matrix (2.3 vs 1.5 ms at
+// N=2, C=2048, Cout=512, 7x7), so those go to the GEMM.
+inline at::Tensor conv1x1_new(const at::Tensor& in, const at::Tensor& w, at::MemoryFormat fmt) {
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const int64_t rows = in.size(0) * in.size(2) * in.size(3);
+  if (cl && rows < std::max(w.size(0), w.size(1))) {
+    at::Tensor out = at::empty({in.size(0), w.size(0), in.size(2), in.size(3)}, in.options().memory_format(fmt));
+    conv1x1(out, w, in, true, false);
+    return out;
+  }
+  return at::conv2d(in, w.contiguous().view({w.size(0), w.size(1), 1, 1})).contiguous(fmt);
+}
+
+// The weight gradient of a 1x1 conv as a fresh (Cout, Cin) matrix, through ATen's convolution
+// backward (oneDNN) for the same reason.
+inline at::Tensor conv1x1_weight_grad_new(const at::Tensor& dout, const at::Tensor& in, const at::Tensor& w) {
+  auto grads = at::convolution_backward(dout, in, w.contiguous().view({w.size(0), w.size(1), 1, 1}), c10::nullopt,
+                                        {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1, {false, true, false});
+  return std::get<1>(grads).reshape({w.size(0), w.size(1)}).contiguous();
+}
+
 // dw (a (Cout, Cin) matrix, possibly a column slice of a wider one) = sum over pixels of
 // dout[:, p] in[:, p]^T; batches are added in order, so the result is deterministic.
 inline void conv1x1_weight_grad(at::Tensor dw, const at::Tensor& dout, const at::Tensor& in, bool cl) {
@@ -118,8 +129,8 @@ inline void conv1x1_weight_grad(at::Tensor dw, const at::Tensor& dout, const at:
 }
 
 // The input gradient of a 1x1 conv: w^T @ dout per pixel, returned in format `fmt`. It is itself a
-// 1x1 conv with the transposed weight, so it goes to oneDNN too (for k = 32 inputs it beat addmm by
-// 25% on 2 cores: 1.4 vs 2.0 ms at N=8, C=512, 28x28).
+// 1x1 conv with the transposed weight, so it takes conv1x1_new's route (for k = 32 inputs oneDNN beat
+// addmm by 25% on 2 cores: 1.4 vs 2.0 ms at N=8, C=512, 28x28).
 inline at::Tensor conv1x1_input_grad(const at::Tensor& dout, const at::Tensor& w, at::MemoryFormat fmt) {
   return conv1x1_new(dout, w.t(), fmt);
 }
