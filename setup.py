@@ -76,7 +76,9 @@ def want_cuda(cuda_home: str | None) -> tuple[bool, str]:
         return False, "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
     if os.environ.get("RLA_EXT_FORCE_CUDA", "0") == "1":
         return True, "RLA_EXT_FORCE_CUDA=1"
-    return True, f"CUDA toolkit at {cuda_home} and torch CUDA {torch.version.cuda}"
+    # The folder's name, not its path: build info lands in committed benchmark results.
+    toolkit = os.path.basename(os.path.normpath(cuda_home))
+    return True, f"CUDA toolkit found ({toolkit}, via CUDA_HOME or nvcc) and torch CUDA {torch.version.cuda}"
 
 
 def build_extensions():
