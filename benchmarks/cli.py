@@ -154,51 +154,67 @@ def _base_row(kind: str, op: str, pass_: str, shape: str, provider: str, batch: 
             "dtype": str(cfg.dtype).replace("torch.", ""), "status": "ok", "error": None, "time_ms": None}
 
 
-def run_op_case(op: str, stage: Stage, provider: str, cfg: Settings, bandwidth_gbps: float) -> list[Row]:
-    """Both passes of one (op, stage, provider): one setup (and, for compile, one compilation)."""
-    rows = [_base_row("op", op, p, stage.label, provider, cfg.batch, cfg) for p in cfg.passes]
-    try:
-        case = cases.make_op_case(op, stage, provider, batch=cfg.batch, dtype=cfg.dtype, device=cfg.device,
-                                  channels_last=cfg.channels_last, compile_mode=cfg.compile_mode)
-    except cases.CaseUnavailable as e:
-        for r in rows:
-            r.update(status="unavailable", error=str(e))
-        return rows
-    except Exception as e:
-        for r in rows:
-            r.update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
-        return rows
-    saved: int | None | str = None
-    for row in rows:
+def run_op_case(op: str, stage: Stage, providers: Sequence[str], cfg: Settings, bandwidth_gbps: float) -> list[Row]:
+    """Both passes of one (op, stage) for each provider: one setup (and, for compile, one compilation)
+    per provider; the providers of a pass are timed interleaved (timing.time_interleaved)."""
+    rows: dict[tuple[str, str], Row] = {(pass_, p): _base_row("op", op, pass_, stage.label, p, cfg.batch, cfg)
+                                        for pass_ in cfg.passes for p in providers}
+    built: dict[str, cases.Case] = {}
+    for p in providers:
         try:
-            fn = case.run(row["pass"])
-            t = timing.time_op(fn, cfg.device, warmup=cfg.warmup, repeats=cfg.repeats, budget_s=cfg.row_budget_s)
+            built[p] = cases.make_op_case(op, stage, p, batch=cfg.batch, dtype=cfg.dtype, device=cfg.device,
+                                          channels_last=cfg.channels_last, compile_mode=cfg.compile_mode)
+        except cases.CaseUnavailable as e:
+            for pass_ in cfg.passes:
+                rows[pass_, p].update(status="unavailable", error=str(e))
         except Exception as e:
-            row.update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
-            continue
-        traffic = case.traffic(row["pass"]) if case.traffic else None
-        row["time_ms"] = t.as_dict()
-        row.update(case.meta)
-        if traffic is not None:
-            gbps = traffic.total / (t.median * 1e-3) / 1e9
-            row.update(bytes_read=traffic.read, bytes_written=traffic.written, bytes_moved=traffic.total,
-                       gbps=gbps, pct_of_copy_bw=100.0 * gbps / bandwidth_gbps if bandwidth_gbps else None)
-        try:
-            row["peak_mem_bytes"] = timing.peak_memory(fn, cfg.device)
-        except Exception as e:
-            row["peak_mem_error"] = _error_text(e)
-        if saved is None:
+            for pass_ in cfg.passes:
+                rows[pass_, p].update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+    for pass_ in cfg.passes:
+        fns = {}
+        for p, case in built.items():
+            fn = case.run(pass_)
             try:
-                saved = timing.saved_for_backward_bytes(case.run("fwd"), case.resident_storages())
+                fn()  # a failing provider gets its error row instead of stopping the others' timing
             except Exception as e:
-                saved = _error_text(e)
-        if isinstance(saved, int):
-            row["saved_for_backward_bytes"] = saved
-        else:
-            row["saved_for_backward_error"] = saved
-    del case
+                rows[pass_, p].update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+                continue
+            fns[p] = fn
+        try:
+            timings = timing.time_interleaved(fns, cfg.device, warmup=cfg.warmup, repeats=cfg.repeats,
+                                              budget_s=cfg.row_budget_s)
+        except Exception as e:
+            for p in fns:
+                rows[pass_, p].update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+            continue
+        for p, t in timings.items():
+            row, case = rows[pass_, p], built[p]
+            traffic = case.traffic(pass_) if case.traffic else None
+            row["time_ms"] = t.as_dict()
+            row.update(case.meta)
+            if traffic is not None:
+                gbps = traffic.total / (t.median * 1e-3) / 1e9
+                row.update(bytes_read=traffic.read, bytes_written=traffic.written, bytes_moved=traffic.total,
+                           gbps=gbps, pct_of_copy_bw=100.0 * gbps / bandwidth_gbps if bandwidth_gbps else None)
+            try:
+                row["peak_mem_bytes"] = timing.peak_memory(fns[p], cfg.device)
+            except Exception as e:
+                row["peak_mem_error"] = _error_text(e)
+    for p, case in built.items():
+        try:
+            saved: int | str = timing.saved_for_backward_bytes(case.run("fwd"), case.resident_storages())
+        except Exception as e:
+            saved = _error_text(e)
+        for pass_ in cfg.passes:
+            if rows[pass_, p]["time_ms"] is None:
+                continue
+            if isinstance(saved, int):
+                rows[pass_, p]["saved_for_backward_bytes"] = saved
+            else:
+                rows[pass_, p]["saved_for_backward_error"] = saved
+    del built
     _free(cfg.device)
-    return rows
+    return list(rows.values())
 
 
 def run_e2e_case(model: str, provider: str, cfg: Settings) -> Row:
@@ -252,14 +268,15 @@ class Task:
 def plan(cfg: Settings, bandwidth: dict[str, float]) -> list[Task]:
     """Tasks in run order, most informative first, so a time budget cuts the least useful rows:
     eager and fused ops, eager and fused training steps, then compiled ops, then compiled steps."""
-    def op_task(op: str, stage: Stage, provider: str) -> Task:
+    def op_task(op: str, stage: Stage, providers: Sequence[str]) -> Task:
         def skip(reason: str) -> list[Row]:
-            rows = [_base_row("op", op, p, stage.label, provider, cfg.batch, cfg) for p in cfg.passes]
+            rows = [_base_row("op", op, pass_, stage.label, p, cfg.batch, cfg) for pass_ in cfg.passes
+                    for p in providers]
             for r in rows:
                 r.update(status="skipped", error=reason)
             return rows
-        return Task(f"{op} {stage.label} {provider}",
-                    lambda: run_op_case(op, stage, provider, cfg, bandwidth["gbps"]), skip)
+        return Task(f"{op} {stage.label} {'+'.join(providers)}",
+                    lambda: run_op_case(op, stage, providers, cfg, bandwidth["gbps"]), skip)
 
     def e2e_task(model: str, provider: str) -> Task:
         def skip(reason: str) -> list[Row]:
@@ -273,8 +290,11 @@ def plan(cfg: Settings, bandwidth: dict[str, float]) -> list[Task]:
     plain = [p for p in cfg.providers if p != cases.COMPILE]
     tasks: list[Task] = []
     for providers in (plain, compiled):
-        if cfg.run_ops:
-            tasks += [op_task(op, stage, p) for op in cfg.ops for stage in cfg.stages for p in providers]
+        # Eager and the fused backends of one (op, stage) are timed against each other in one task;
+        # each compiled provider is its own task (compilation is slow and comes last).
+        groups = [providers] if providers is plain else [[p] for p in providers]
+        if cfg.run_ops and providers:
+            tasks += [op_task(op, stage, g) for op in cfg.ops for stage in cfg.stages for g in groups]
         if cfg.run_e2e:
             # The plain ResNet-50 has no RLA ops: it runs as eager (and compiled), the cost baseline.
             tasks += [e2e_task("plain", p) for p in providers if p in (cases.EAGER, cases.COMPILE)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -83,6 +83,34 @@ def time_op(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
             est = max(q[0], 1e-3)
             return Timing(q[0], q[1], q[2], q[3], q[4], max(1, int(rep_ms / est)), "triton.do_bench")
     return time_loop(fn, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
+                     repeats: int = 10, budget_s: float | None = None) -> dict[str, Timing]:
+    """Time several implementations of one case against each other: {name: Timing}.
+
+    On the CPU they take turns call by call (the order reversed every round), so load from other
+    processes on a shared machine lands on all of them alike and their ratio stays meaningful even
+    when the absolute times drift. `budget_s` is per implementation. On CUDA each is timed on its
+    own by `time_op` (CUDA events isolate it from the host).
+    """
+    if device.type == "cuda":
+        return {name: time_op(fn, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
+                for name, fn in fns.items()}
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    deadline = None if budget_s is None else time.perf_counter() + budget_s * len(names)
+    for i in range(max(1, repeats)):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[name]()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+    return {name: _from_samples(v, "perf_counter, interleaved") for name, v in samples.items()}
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict[str, float]:
