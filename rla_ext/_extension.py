@@ -22,8 +22,12 @@ def load_error() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(dispatch_key: str) -> bool:
-    """Whether every kernel op of the extension has an implementation for `dispatch_key`."""
+    """Whether every kernel op of the extension has an implementation for `dispatch_key`.
+
+    Cached: registrations do not change once the extension is loaded, and the backend check asks
+    on every op call (four dispatcher queries cost ~30 us of Python each time)."""
     if load_error() is not None:
         return False
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"rla_ext::{name}", dispatch_key)

@@ -48,12 +48,14 @@ def eval_stats(running_mean: Tensor, running_var: Tensor, dtype: torch.dtype) ->
             running_var.detach().to(sd, copy=True).contiguous())
 
 
-@torch.no_grad()
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor,
                          var: Tensor, count: int, momentum: float) -> None:
     """running <- (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
     if running_mean is None or running_var is None:
         return
+    if torch.is_grad_enabled():  # the fused ops call this with grad already off; a decorator costs ~10 us
+        with torch.no_grad():
+            return update_running_stats(running_mean, running_var, mean, var, count, momentum)
     unbiased = var * (count / (count - 1))
     running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
     running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)

@@ -13,15 +13,15 @@ from rla_ext.ops import _autocast
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
-from rla_ext.ops._kernels import empty_activation, fake_forward_outputs, forward_with_stats, kernels
+from rla_ext.ops._kernels import (eager_fast_path, empty_activation, fake_forward_outputs, forward_with_stats,
+                                  kernels)
 
 _OP = "concat_conv_bn_act"
 
 
-@torch.library.custom_op("rla_ext::concat_conv_bn_act_fwd", mutates_args=("running_mean", "running_var"))
-def _fwd(x: Tensor, h: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor | None,
-         running_var: Tensor | None, training: bool, momentum: float, eps: float, relu: bool,
-         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fwd_body(x: Tensor, h: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor | None,
+              running_var: Tensor | None, training: bool, momentum: float, eps: float, relu: bool,
+              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (out, z, mean, var); updates running_mean / running_var in place when training."""
     kern = kernels(_OP, backend)
     count = x.shape[0] * x.shape[2] * x.shape[3]
@@ -31,20 +31,29 @@ def _fwd(x: Tensor, h: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, runn
                                   dtype=x.dtype)
 
 
+_fwd = torch.library.custom_op("rla_ext::concat_conv_bn_act_fwd",
+                                mutates_args=("running_mean", "running_var"))(_fwd_body)
+_fwd_call = eager_fast_path(_fwd, _fwd_body)
+
+
 @_fwd.register_fake
 def _fwd_fake(x, h, weight, gamma, beta, running_mean, running_var, training, momentum, eps, relu, backend):
     return fake_forward_outputs(x, weight.shape[0], gamma)
 
 
-@torch.library.custom_op("rla_ext::concat_conv_bn_act_bwd", mutates_args=())
-def _bwd(grad_out: Tensor, x: Tensor, h: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, z: Tensor,
-         mean: Tensor, var: Tensor, eps: float, relu: bool, training: bool,
-         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bwd_body(grad_out: Tensor, x: Tensor, h: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, z: Tensor,
+              mean: Tensor, var: Tensor, eps: float, relu: bool, training: bool,
+              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dh, dweight, dgamma, dbeta)."""
     grad_out = v.in_format(grad_out.to(x.dtype), v.memory_format_of(x))
     with _autocast.disabled(x.device.type):
         return kernels(_OP, backend).backward(grad_out, x, h, weight, gamma, beta, z, mean, var, eps, relu,
                                               training)
+
+
+_bwd = torch.library.custom_op("rla_ext::concat_conv_bn_act_bwd",
+                                mutates_args=())(_bwd_body)
+_bwd_call = eager_fast_path(_bwd, _bwd_body)
 
 
 @_bwd.register_fake
@@ -60,8 +69,8 @@ class ConcatConvBnActFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h, weight, gamma, beta, running_mean, running_var, training, momentum, eps, relu, backend):
-        out, z, mean, var = _fwd(x, h, weight, gamma, beta, running_mean, running_var, training, momentum, eps,
-                                 relu, backend)
+        out, z, mean, var = _fwd_call(x, h, weight, gamma, beta, running_mean, running_var, training, momentum, eps,
+                                      relu, backend)
         ctx.save_for_backward(x, h, weight, gamma, beta, z, mean, var)
         ctx.config = (eps, relu, training, backend)
         ctx.mark_non_differentiable(z, mean, var)
@@ -71,8 +80,8 @@ class ConcatConvBnActFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _gz, _gmean, _gvar):
         x, h, weight, gamma, beta, z, mean, var = ctx.saved_tensors
         eps, relu, training, backend = ctx.config
-        dx, dh, dw, dgamma, dbeta = _bwd(grad_out, x, h, weight, gamma, beta, z, mean, var, eps, relu, training,
-                                         backend)
+        dx, dh, dw, dgamma, dbeta = _bwd_call(grad_out, x, h, weight, gamma, beta, z, mean, var, eps, relu, training,
+                                              backend)
         return dx, dh, dw, dgamma, dbeta, None, None, None, None, None, None, None
 
 
@@ -87,7 +96,7 @@ class SyncConcatConvBnActFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h, weight, gamma, beta, running_mean, running_var, momentum, eps, relu, backend, group):
-        _, z, mean, var = _fwd(x, h, weight, gamma, beta, None, None, True, momentum, eps, relu, backend)
+        _, z, mean, var = _fwd_call(x, h, weight, gamma, beta, None, None, True, momentum, eps, relu, backend)
         count = x.shape[0] * x.shape[2] * x.shape[3]
         mean, var, total = _distributed.global_stats(mean, var, count, group)
         _distributed.update_running(running_mean, running_var, mean, var, total, momentum)
@@ -106,7 +115,8 @@ class SyncConcatConvBnActFunction(torch.autograd.Function):
         if relu:
             g = g * (pre > 0)
         g, dgamma, dbeta = _distributed.bn_input_grad(g, xhat, total, group)
-        dx, dh, dw, _, _ = _bwd(g.to(x.dtype), x, h, weight, gamma, beta, z, mean, var, eps, False, False, backend)
+        dx, dh, dw, _, _ = _bwd_call(g.to(x.dtype), x, h, weight, gamma, beta, z, mean, var, eps, False, False,
+                                     backend)
         return dx, dh, dw, dgamma, dbeta, None, None, None, None, None, None, None
 
 

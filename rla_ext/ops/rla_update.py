@@ -10,15 +10,15 @@ from rla_ext.ops import _autocast
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
-from rla_ext.ops._kernels import empty_activation, fake_forward_outputs, forward_with_stats, kernels
+from rla_ext.ops._kernels import (eager_fast_path, empty_activation, fake_forward_outputs, forward_with_stats,
+                                  kernels)
 
 _OP = "rla_update"
 
 
-@torch.library.custom_op("rla_ext::rla_update_fwd", mutates_args=("running_mean", "running_var"))
-def _fwd(h: Tensor, y: Tensor, out_weight: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor | None,
-         running_var: Tensor | None, rec_weight: Tensor, pool: bool, training: bool, momentum: float, eps: float,
-         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fwd_body(h: Tensor, y: Tensor, out_weight: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor | None,
+              running_var: Tensor | None, rec_weight: Tensor, pool: bool, training: bool, momentum: float, eps: float,
+              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (out, s, mean, var); updates running_mean / running_var in place when training."""
     kern = kernels(_OP, backend)
     count = y.shape[0] * y.shape[2] * y.shape[3]
@@ -28,21 +28,30 @@ def _fwd(h: Tensor, y: Tensor, out_weight: Tensor, gamma: Tensor, beta: Tensor, 
             running_mean, running_var, training=training, momentum=momentum, count=count, dtype=y.dtype)
 
 
+_fwd = torch.library.custom_op("rla_ext::rla_update_fwd",
+                                mutates_args=("running_mean", "running_var"))(_fwd_body)
+_fwd_call = eager_fast_path(_fwd, _fwd_body)
+
+
 @_fwd.register_fake
 def _fwd_fake(h, y, out_weight, gamma, beta, running_mean, running_var, rec_weight, pool, training, momentum, eps,
               backend):
     return fake_forward_outputs(y, out_weight.shape[0], gamma)
 
 
-@torch.library.custom_op("rla_ext::rla_update_bwd", mutates_args=())
-def _bwd(grad_out: Tensor, h: Tensor, y: Tensor, out_weight: Tensor, gamma: Tensor, beta: Tensor,
-         rec_weight: Tensor, s: Tensor, mean: Tensor, var: Tensor, pool: bool, eps: float, training: bool,
-         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bwd_body(grad_out: Tensor, h: Tensor, y: Tensor, out_weight: Tensor, gamma: Tensor, beta: Tensor,
+              rec_weight: Tensor, s: Tensor, mean: Tensor, var: Tensor, pool: bool, eps: float, training: bool,
+              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dh, dy, dout_weight, drec_weight, dgamma, dbeta)."""
     grad_out = v.in_format(grad_out.to(y.dtype), v.memory_format_of(y))
     with _autocast.disabled(y.device.type):
         return kernels(_OP, backend).backward(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean, var,
                                               pool, eps, training)
+
+
+_bwd = torch.library.custom_op("rla_ext::rla_update_bwd",
+                                mutates_args=())(_bwd_body)
+_bwd_call = eager_fast_path(_bwd, _bwd_body)
 
 
 @_bwd.register_fake
@@ -61,8 +70,8 @@ class RLAUpdateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, y, out_weight, gamma, beta, running_mean, running_var, rec_weight, pool, training, momentum,
                 eps, backend):
-        out, s, mean, var = _fwd(h, y, out_weight, gamma, beta, running_mean, running_var, rec_weight, pool,
-                                 training, momentum, eps, backend)
+        out, s, mean, var = _fwd_call(h, y, out_weight, gamma, beta, running_mean, running_var, rec_weight, pool,
+                                      training, momentum, eps, backend)
         ctx.save_for_backward(h, y, out_weight, gamma, beta, rec_weight, s, mean, var)
         ctx.config = (pool, eps, training, backend)
         ctx.mark_non_differentiable(s, mean, var)
@@ -72,8 +81,8 @@ class RLAUpdateFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _gs, _gmean, _gvar):
         h, y, out_weight, gamma, beta, rec_weight, s, mean, var = ctx.saved_tensors
         pool, eps, training, backend = ctx.config
-        dh, dy, dw_out, dw_rec, dgamma, dbeta = _bwd(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean,
-                                                     var, pool, eps, training, backend)
+        dh, dy, dw_out, dw_rec, dgamma, dbeta = _bwd_call(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean,
+                                                          var, pool, eps, training, backend)
         return dh, dy, dw_out, dgamma, dbeta, None, None, dw_rec, None, None, None, None, None
 
 
@@ -89,8 +98,8 @@ class SyncRLAUpdateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, y, out_weight, gamma, beta, running_mean, running_var, rec_weight, pool, momentum, eps,
                 backend, group):
-        _, s, mean, var = _fwd(h, y, out_weight, gamma, beta, None, None, rec_weight, pool, True, momentum, eps,
-                               backend)
+        _, s, mean, var = _fwd_call(h, y, out_weight, gamma, beta, None, None, rec_weight, pool, True, momentum, eps,
+                                    backend)
         count = y.shape[0] * y.shape[2] * y.shape[3]
         mean, var, total = _distributed.global_stats(mean, var, count, group)
         _distributed.update_running(running_mean, running_var, mean, var, total, momentum)
