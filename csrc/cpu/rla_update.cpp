@@ -159,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
 
   at::Tensor dy = conv1x1_input_grad(ds, w, fmt);
-  at::Tensor dw = conv1x1_weight_grad_new(ds, y, w);
+  at::Tensor dw = conv1x1_weight_grad_new(ds, y, w, cl);
   at::Tensor dh = ds;
   if (pool) {
     dh = at::empty(h_in.sizes(), ds.options().memory_format(fmt)).zero_();

@@ -23,8 +23,8 @@ FORMATS = ("contiguous", "channels_last")
 TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2),
        torch.bfloat16: (8e-2, 8e-2)}
 # (N, C, k, C_out, H, W): batch of one, 1x1 images, primes, k not a multiple of 8. In channels_last
-# the 1x1 convs take the BLAS route when there are fewer pixel rows than channels (the first and last
-# shapes here) and oneDNN otherwise (the middle ones): both routes are covered.
+# the 1x1 convs take the BLAS route when there are fewer pixel rows than input channels (the last
+# shape here) and oneDNN otherwise: both routes are covered.
 CCBA_SHAPES = [(1, 3, 5, 7, 1, 3), (2, 13, 5, 11, 7, 5), (3, 17, 3, 8, 3, 7), (2, 8, 32, 16, 1, 1)]
 # (N, C, k, H, W) of y; with pool h is (2H + H%2, 2W + W%2) so floor mode drops a row/column.
 UPDATE_SHAPES = [(1, 3, 5, 1, 3), (2, 13, 5, 7, 5), (3, 17, 3, 3, 7), (2, 8, 32, 1, 1)]
