@@ -134,8 +134,8 @@ def plot(path: Path, meta: dict[str, Any], rows: Sequence[Row]) -> None:
             ax.bar_label(bars, labels=[f"{v:.2f}" if v == v else "" for v in vals], fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")  # 2x faster and 2x slower should look equally far from 1
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
         ax.set_xticks(range(len(shapes)), shapes)
         ax.set_title(f"{op} {pass_}")
         ax.set_ylabel("speedup vs eager")
