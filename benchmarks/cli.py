@@ -217,43 +217,63 @@ def run_op_case(op: str, stage: Stage, providers: Sequence[str], cfg: Settings, 
     return list(rows.values())
 
 
-def run_e2e_case(model: str, provider: str, cfg: Settings) -> Row:
-    row = _base_row("e2e", E2E_NAMES[model], "train_step", f"{cfg.image_size}px", provider, cfg.e2e_batch, cfg)
-    row["image_size"] = cfg.image_size
-    try:
-        ts = model_step.make_train_step(model, provider, batch=cfg.e2e_batch, dtype=cfg.dtype, device=cfg.device,
-                                        image_size=cfg.image_size, channels_last=cfg.channels_last,
-                                        compile_mode=cfg.e2e_compile_mode)
-    except cases.CaseUnavailable as e:
-        row.update(status="unavailable", error=str(e))
-        return row
-    except Exception as e:
-        row.update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
-        return row
-    try:
-        warmup = 3 if provider == cases.COMPILE else 2
-        t = timing.time_loop(ts.step, cfg.device, warmup=warmup, repeats=cfg.e2e_repeats)
-        row["time_ms"] = t.as_dict()
-        row["images_per_s"] = ts.batch / (t.median * 1e-3)
-        if cfg.device.type == "cuda":
-            # Whole-step peak, model and optimizer state included: what decides the largest batch that fits.
-            timing.sync(cfg.device)
-            torch.cuda.reset_peak_memory_stats(cfg.device)
-            ts.step()
-            timing.sync(cfg.device)
-            row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(cfg.device)
-    except Exception as e:
-        row.update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
-    # Not for compiled models: saved-tensor hooks would make dynamo trace (and autotune) them again.
-    if row["status"] == "ok" and provider != cases.COMPILE:
+def run_e2e_cases(entries: Sequence[tuple[str, str]], cfg: Settings) -> list[Row]:
+    """Training steps of (model, provider) pairs: each set up once, then timed against each other
+    (interleaved on the CPU, see timing.time_interleaved)."""
+    rows: dict[tuple[str, str], Row] = {}
+    built: dict[tuple[str, str], model_step.TrainStep] = {}
+    for model, provider in entries:
+        row = _base_row("e2e", E2E_NAMES[model], "train_step", f"{cfg.image_size}px", provider, cfg.e2e_batch, cfg)
+        row["image_size"] = cfg.image_size
+        rows[model, provider] = row
         try:
-            resident = {p.untyped_storage().data_ptr() for p in ts.model.parameters()}
-            row["saved_for_backward_bytes"] = timing.saved_for_backward_bytes(ts.forward_loss, resident)
+            ts = model_step.make_train_step(model, provider, batch=cfg.e2e_batch, dtype=cfg.dtype,
+                                            device=cfg.device, image_size=cfg.image_size,
+                                            channels_last=cfg.channels_last, compile_mode=cfg.e2e_compile_mode)
+            ts.step()  # compilation, first-touch allocations; a failing one leaves the others' timing alone
+        except cases.CaseUnavailable as e:
+            row.update(status="unavailable", error=str(e))
+            continue
         except Exception as e:
-            row["saved_for_backward_error"] = _error_text(e)
-    del ts
+            row.update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+            continue
+        built[model, provider] = ts
+    if built:
+        warmup = 3 if any(p == cases.COMPILE for _, p in built) else 2
+        try:
+            timings = timing.time_interleaved({key: ts.step for key, ts in built.items()}, cfg.device,
+                                              warmup=warmup, repeats=cfg.e2e_repeats, gpu_timer=timing.time_loop)
+        except Exception as e:
+            for key in built:
+                rows[key].update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+            timings = {}
+        for key, t in timings.items():
+            rows[key]["time_ms"] = t.as_dict()
+            rows[key]["images_per_s"] = built[key].batch / (t.median * 1e-3)
+    for (model, provider), ts in built.items():
+        row = rows[model, provider]
+        if row["status"] != "ok":
+            continue
+        try:
+            if cfg.device.type == "cuda":
+                # Whole-step peak, model and optimizer state included: what decides the largest batch that fits.
+                timing.sync(cfg.device)
+                torch.cuda.reset_peak_memory_stats(cfg.device)
+                ts.step()
+                timing.sync(cfg.device)
+                row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(cfg.device)
+        except Exception as e:
+            row["peak_mem_error"] = _error_text(e)
+        # Not for compiled models: saved-tensor hooks would make dynamo trace (and autotune) them again.
+        if provider != cases.COMPILE:
+            try:
+                resident = {p.untyped_storage().data_ptr() for p in ts.model.parameters()}
+                row["saved_for_backward_bytes"] = timing.saved_for_backward_bytes(ts.forward_loss, resident)
+            except Exception as e:
+                row["saved_for_backward_error"] = _error_text(e)
+    del built
     _free(cfg.device)
-    return row
+    return list(rows.values())
 
 
 @dataclass
@@ -278,13 +298,17 @@ def plan(cfg: Settings, bandwidth: dict[str, float]) -> list[Task]:
         return Task(f"{op} {stage.label} {'+'.join(providers)}",
                     lambda: run_op_case(op, stage, providers, cfg, bandwidth["gbps"]), skip)
 
-    def e2e_task(model: str, provider: str) -> Task:
+    def e2e_task(entries: Sequence[tuple[str, str]]) -> Task:
         def skip(reason: str) -> list[Row]:
-            row = _base_row("e2e", E2E_NAMES[model], "train_step", f"{cfg.image_size}px", provider,
-                            cfg.e2e_batch, cfg)
-            row.update(status="skipped", error=reason, image_size=cfg.image_size)
-            return [row]
-        return Task(f"e2e {model} {provider}", lambda: [run_e2e_case(model, provider, cfg)], skip)
+            rows = []
+            for model, provider in entries:
+                row = _base_row("e2e", E2E_NAMES[model], "train_step", f"{cfg.image_size}px", provider,
+                                cfg.e2e_batch, cfg)
+                row.update(status="skipped", error=reason, image_size=cfg.image_size)
+                rows.append(row)
+            return rows
+        label = " ".join(f"{m}:{p}" for m, p in entries)
+        return Task(f"e2e {label}", lambda: run_e2e_cases(entries, cfg), skip)
 
     compiled = [p for p in cfg.providers if p == cases.COMPILE]
     plain = [p for p in cfg.providers if p != cases.COMPILE]
@@ -297,8 +321,10 @@ def plan(cfg: Settings, bandwidth: dict[str, float]) -> list[Task]:
             tasks += [op_task(op, stage, g) for op in cfg.ops for stage in cfg.stages for g in groups]
         if cfg.run_e2e:
             # The plain ResNet-50 has no RLA ops: it runs as eager (and compiled), the cost baseline.
-            tasks += [e2e_task("plain", p) for p in providers if p in (cases.EAGER, cases.COMPILE)]
-            tasks += [e2e_task("rla", p) for p in providers]
+            entries = [("plain", p) for p in providers if p in (cases.EAGER, cases.COMPILE)]
+            entries += [("rla", p) for p in providers]
+            # Eager and fused steps are timed against each other; compiled ones one by one.
+            tasks += [e2e_task(entries)] if providers is plain else [e2e_task([e]) for e in entries]
     return tasks
 
 

@@ -10,8 +10,11 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import torch
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -85,23 +88,25 @@ def time_op(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     return time_loop(fn, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
 
 
-def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
-                     repeats: int = 10, budget_s: float | None = None) -> dict[str, Timing]:
+def time_interleaved(fns: Mapping[K, Callable[[], object]], device: torch.device, *, warmup: int = 3,
+                     repeats: int = 10, budget_s: float | None = None,
+                     gpu_timer: Callable[..., Timing] | None = None) -> dict[K, Timing]:
     """Time several implementations of one case against each other: {name: Timing}.
 
     On the CPU they take turns call by call (the order reversed every round), so load from other
     processes on a shared machine lands on all of them alike and their ratio stays meaningful even
     when the absolute times drift. `budget_s` is per implementation. On CUDA each is timed on its
-    own by `time_op` (CUDA events isolate it from the host).
+    own by `gpu_timer` (default `time_op`; CUDA events isolate it from the host).
     """
     if device.type == "cuda":
-        return {name: time_op(fn, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
+        timer = gpu_timer or time_op
+        return {name: timer(fn, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
                 for name, fn in fns.items()}
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[K, list[float]] = {name: [] for name in names}
     deadline = None if budget_s is None else time.perf_counter() + budget_s * len(names)
     for i in range(max(1, repeats)):
         for name in (names if i % 2 == 0 else names[::-1]):

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import rla_ext
+
 ROOT = Path(__file__).resolve().parents[2]
 # tests/ is on sys.path under pytest's rootdir import mode, where this folder would shadow the real
 # `benchmarks` package as a namespace package; the repository root must come first.
@@ -80,3 +82,22 @@ def test_cli_tiny_run_writes_json_markdown_and_plot(tmp_path):
 
     assert "| rla_update | fwd+bwd | C2048xH7 | eager |" in (out / "results.md").read_text()
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif("cpp" not in rla_ext.available_backends("cpu"), reason="the cpp backend was not built")
+def test_cli_tiny_e2e_times_eager_and_fused_steps_together(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks", "--device", "cpu", "--e2e-only", "--e2e-batch", "2",
+           "--image-size", "64", "--e2e-repeats", "2", "--providers", "eager,cpp", "--no-progress", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["op"], r["provider"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {("resnet50", "eager"), ("rla_resnet50", "eager"), ("rla_resnet50", "cpp")}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["time_ms"]["n"] == 2 and r["time_ms"]["method"] == "perf_counter, interleaved"
+        assert r["images_per_s"] > 0 and r["saved_for_backward_bytes"] > 0
+    # The fused entry keeps no cat(x, h) and no per-op intermediates for backward.
+    assert rows["rla_resnet50", "cpp"]["saved_for_backward_bytes"] < rows["rla_resnet50", "eager"][
+        "saved_for_backward_bytes"]
