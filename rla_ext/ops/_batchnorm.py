@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rla_ext.ops import _validation as v
+
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics are kept in float32 (float64 for float64 inputs), as PyTorch's own BN does."""
@@ -66,3 +68,21 @@ def reduce_grad_dtype(grad: Tensor | None, like: Tensor | None) -> Tensor | None
     if grad is None or like is None:
         return grad
     return grad.to(like.dtype)
+
+
+def check_arguments(bn_weight: Tensor | None, bn_bias: Tensor | None, running_mean: Tensor | None,
+                    running_var: Tensor | None, training: bool, momentum: float | None, eps: float, *,
+                    out_shape: tuple[int, int, int, int], like: Tensor, like_name: str) -> tuple:
+    """Every BatchNorm argument of a fused op checked against the op's (N, channels, H, W) output.
+
+    Returns (bn_weight, bn_bias, running_mean, running_var, training, momentum, eps), normalised.
+    """
+    n, channels, hh, ww = out_shape
+    bn_weight = v.channel_vector("bn_weight", bn_weight, channels, like, like_name)
+    bn_bias = v.channel_vector("bn_bias", bn_bias, channels, like, like_name)
+    running_mean = v.channel_vector("running_mean", running_mean, channels, like, like_name)
+    running_var = v.channel_vector("running_var", running_var, channels, like, like_name)
+    training, momentum, eps = v.check_scalars(training, momentum, eps)
+    check_eval_stats(running_mean, running_var, training)
+    check_training_batch(n * hh * ww, out_shape, training)
+    return bn_weight, bn_bias, running_mean, running_var, training, momentum, eps

@@ -155,14 +155,10 @@ def concat_conv_bn_act(x: Tensor, h: Tensor, weight: Tensor, bn_weight: Tensor |
     k = h.shape[1]
     w2 = v.weight_matrix("weight", weight, None, c + k, x, "x", f"C + k = {c} + {k}")
     co = w2.shape[0]
-    bn_weight = v.channel_vector("bn_weight", bn_weight, co, x, "x")
-    bn_bias = v.channel_vector("bn_bias", bn_bias, co, x, "x")
-    running_mean = v.channel_vector("running_mean", running_mean, co, x, "x")
-    running_var = v.channel_vector("running_var", running_var, co, x, "x")
-    training, momentum, eps = v.check_scalars(training, momentum, eps)
+    bn_weight, bn_bias, running_mean, running_var, training, momentum, eps = bn.check_arguments(
+        bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, out_shape=(n, co, hh, ww),
+        like=x, like_name="x")
     activation = v.check_activation_name(activation)
-    bn.check_eval_stats(running_mean, running_var, training)
-    bn.check_training_batch(n * hh * ww, (n, co, hh, ww), training)
     group = _distributed.check_process_group(process_group)
     sync = _distributed.syncs(group, training)
     name = _backend.resolve(backend, x.device)

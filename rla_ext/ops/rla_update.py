@@ -173,13 +173,9 @@ def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | Non
                          f"{how} of h, {want}, must equal y's {(hy, wy)})")
     w_out = v.weight_matrix("out_weight", out_weight, k, c, y, "y", f"C = {c}, the channels of y")
     w_rec = v.conv3x3_weight("rec_weight", rec_weight, k, y, "y")
-    bn_weight = v.channel_vector("bn_weight", bn_weight, k, y, "y")
-    bn_bias = v.channel_vector("bn_bias", bn_bias, k, y, "y")
-    running_mean = v.channel_vector("running_mean", running_mean, k, y, "y")
-    running_var = v.channel_vector("running_var", running_var, k, y, "y")
-    training, momentum, eps = v.check_scalars(training, momentum, eps)
-    bn.check_eval_stats(running_mean, running_var, training)
-    bn.check_training_batch(n * hy * wy, (n, k, hy, wy), training)
+    bn_weight, bn_bias, running_mean, running_var, training, momentum, eps = bn.check_arguments(
+        bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, out_shape=(n, k, hy, wy),
+        like=y, like_name="y")
     group = _distributed.check_process_group(process_group)
     sync = _distributed.syncs(group, training)
     name = _backend.resolve(backend, y.device)
