@@ -2,7 +2,8 @@
 
 Precedence (first that is set wins): the call's ``backend=`` argument (modules pass theirs), the
 innermost ``use_backend()`` block, ``set_backend()``, ``$RLA_EXT_BACKEND``, then ``"auto"``.
-``"auto"`` picks the fastest backend available for the tensor's device.
+``"auto"`` picks the fastest backend available for the tensor's device: first the fused backends in
+the order measured for the op and size class (``rla_ext._auto_table``), then the static order below.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from rla_ext import _extension
+from rla_ext import _auto_table, _extension
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 CHOICES = BACKENDS + ("auto",)
@@ -132,11 +133,22 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b for b in order if unavailable_reason(b, device) is None]
 
 
-def resolve(name: str | None, device: torch.device) -> str:
-    """The concrete backend for a call on `device`: checks availability, expands "auto"."""
+def auto_candidates(device_type: str, op: str | None = None, size: tuple[int, int] | None = None) -> list[str]:
+    """The backends "auto" tries, in order, for `op` on (height, width) activations on `device_type`."""
+    order: list[str] = []
+    if op is not None and size is not None:
+        key = (device_type, op, _auto_table.size_class(*size))
+        order += [b for b in _auto_table.PREFERENCE.get(key, ()) if b in BACKENDS]
+    return order + [b for b in _AUTO_ORDER.get(device_type, ("torch",)) if b not in order]
+
+
+def resolve(name: str | None, device: torch.device, op: str | None = None,
+            size: tuple[int, int] | None = None) -> str:
+    """The concrete backend for a call on `device`: checks availability, expands "auto" (for `op` on
+    activations of spatial `size`, when given, in the measured order of rla_ext._auto_table)."""
     name = get_backend() if name is None else _check_name(name)
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+        for candidate in auto_candidates(device.type, op, size):
             if unavailable_reason(candidate, device) is None:
                 return candidate
         return "torch"

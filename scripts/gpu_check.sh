@@ -92,6 +92,10 @@ bench_minutes=$(awk -v s="$left" 'BEGIN { m = (s - 60) / 60; if (m < 0.5) m = 0.
 step bench "$left" "$PY" -m benchmarks --out "$RESULTS/bench" --no-progress --max-minutes "$bench_minutes" \
     --compile-mode "${BENCH_COMPILE_MODE:-max-autotune}" \
     --e2e-compile-mode "${BENCH_E2E_COMPILE_MODE:-reduce-overhead}" ${BENCH_ARGS:-}
+# The measured cuda-vs-triton order for `auto`; copy it over rla_ext/_auto_table.py to adopt it.
+if [ -f "$RESULTS/bench/results.json" ]; then
+    step auto_table 30 "$PY" -m benchmarks.auto_table "$RESULTS/bench/results.json" --out "$RESULTS/_auto_table.py"
+fi
 
 echo
 echo "== steps (exit code 124 = time limit)"

@@ -79,9 +79,35 @@ def test_use_backend_routes_calls(monkeypatch):
     """The context manager really changes which implementation runs."""
     calls = []
     real = _backend.resolve
-    monkeypatch.setattr(_backend, "resolve", lambda name, dev: calls.append(real(name, dev)) or calls[-1])
+    monkeypatch.setattr(_backend, "resolve",
+                        lambda name, dev, *rest: calls.append(real(name, dev, *rest)) or calls[-1])
     inp = make_ccba_inputs(2, 4, 2, 3, (2, 2), torch.float32, "cpu", "contiguous")
     with rla_ext.use_backend("torch"):
         concat_conv_bn_act(**inp, training=True)
     concat_conv_bn_act(**inp, training=True, backend="torch")
     assert calls == ["torch", "torch"]
+
+
+@pytest.mark.parametrize(("hw", "expected"), [((56, 56), 56), ((40, 40), 56), ((39, 39), 28), ((28, 28), 28),
+                                              ((14, 14), 14), ((7, 7), 7), ((1, 1), 7), ((112, 8), 28)])
+def test_size_class_is_the_nearest_stage_by_pixels(hw, expected):
+    from rla_ext import _auto_table
+
+    assert _auto_table.size_class(*hw) == expected
+
+
+@pytest.mark.skipif(not _backend.triton_interpreter_on() or "cpp" not in rla_ext.available_backends("cpu"),
+                    reason="needs two fused CPU backends: cpp and Triton's interpreter")
+def test_auto_follows_the_measured_table_per_op_and_size(monkeypatch):
+    from rla_ext import _auto_table
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(_auto_table, "PREFERENCE", {("cpu", "rla_update", 28): ("triton", "cpp"),
+                                                    ("cpu", "rla_update", 7): ("cuda", "cpp")})
+    assert _backend.resolve("auto", cpu, "rla_update", (28, 28)) == "triton"
+    assert _backend.resolve("auto", cpu, "rla_update", (30, 26)) == "triton"  # same size class
+    assert _backend.resolve("auto", cpu, "rla_update", (14, 14)) == "cpp"  # no entry: static order
+    assert _backend.resolve("auto", cpu, "concat_conv_bn_act", (28, 28)) == "cpp"  # other op
+    assert _backend.resolve("auto", cpu, "rla_update", (7, 7)) == "cpp"  # unavailable entries fall through
+    assert _backend.resolve("auto", cpu) == "cpp"  # no op given
+    assert _backend.resolve("cpp", cpu, "rla_update", (28, 28)) == "cpp"  # explicit names are not reordered

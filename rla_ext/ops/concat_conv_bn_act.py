@@ -161,7 +161,7 @@ def concat_conv_bn_act(x: Tensor, h: Tensor, weight: Tensor, bn_weight: Tensor |
     activation = v.check_activation_name(activation)
     group = _distributed.check_process_group(process_group)
     sync = _distributed.syncs(group, training)
-    name = _backend.resolve(backend, x.device)
+    name = _backend.resolve(backend, x.device, _OP, (x.shape[2], x.shape[3]))
     if name == "torch":
         return _reference.concat_conv_bn_act(x, h, weight, bn_weight, bn_bias, running_mean, running_var, training,
                                              momentum, eps, activation, process_group=group if sync else None)

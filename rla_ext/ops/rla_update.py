@@ -178,7 +178,7 @@ def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | Non
         like=y, like_name="y")
     group = _distributed.check_process_group(process_group)
     sync = _distributed.syncs(group, training)
-    name = _backend.resolve(backend, y.device)
+    name = _backend.resolve(backend, y.device, _OP, (y.shape[2], y.shape[3]))
     if name == "torch":
         return _reference.rla_update(h, y, out_weight, bn_weight, bn_bias, running_mean, running_var, rec_weight,
                                      pool, training, momentum, eps, process_group=group if sync else None)

@@ -1,0 +1,83 @@
+"""Turn a benchmark run into the order in which ``auto`` tries the fused backends.
+
+    python -m benchmarks.auto_table benchmarks/results/<run>/results.json            # print
+    python -m benchmarks.auto_table benchmarks/results/<run>/results.json --write    # update rla_ext
+
+For each op and stage of the run (fwd+bwd rows that succeeded) the fused backends are ordered by
+median time; the entries of the run's device type replace the old ones in rla_ext/_auto_table.py,
+with the run's device, date and commit recorded beside them. Entries of other device types stay.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rla_ext import _auto_table
+
+FUSED = ("cpp", "cuda", "triton")
+TABLE_PATH = Path(_auto_table.__file__)
+_BEGIN, _END = "# BEGIN GENERATED\n", "# END GENERATED\n"
+
+
+def preference_from_results(results: dict[str, Any]) -> dict[tuple[str, str, int], tuple[str, ...]]:
+    """(device type, op, size class) -> fused backends ordered by their fwd+bwd median time."""
+    device = results["device_type"]
+    times: dict[tuple[str, str, int], list[tuple[float, str]]] = defaultdict(list)
+    for row in results["rows"]:
+        if (row.get("kind") != "op" or row.get("pass") != "fwd+bwd" or row.get("status") != "ok"
+                or row.get("provider") not in FUSED or not row.get("time_ms")):
+            continue
+        match = re.search(r"xH(\d+)$", row["shape"])
+        if match is None:
+            continue
+        size = int(match.group(1))
+        times[device, row["op"], _auto_table.size_class(size, size)].append((row["time_ms"]["median"],
+                                                                              row["provider"]))
+    return {key: tuple(p for _, p in sorted(v)) for key, v in sorted(times.items())}
+
+
+def render(sources: dict[str, dict[str, str]], preference: dict[tuple[str, str, int], tuple[str, ...]],
+           text: str) -> str:
+    """`text` (the table module) with its generated section replaced."""
+    start, end = text.index(_BEGIN) + len(_BEGIN), text.index(_END)
+    lines = ["SOURCES: dict[str, dict[str, str]] = {"]
+    lines += [f"    {k!r}: {v!r}," for k, v in sources.items()]
+    lines += ["}", "PREFERENCE: dict[tuple[str, str, int], tuple[str, ...]] = {"]
+    lines += [f"    {k!r}: {v!r}," for k, v in preference.items()]
+    lines += ["}"]
+    return text[:start] + "\n".join(lines) + "\n" + text[end:]
+
+
+def updated_table(results: dict[str, Any], text: str) -> str:
+    device = results["device_type"]
+    namespace: dict[str, Any] = {}
+    exec(text[text.index(_BEGIN):text.index(_END)], namespace)  # noqa: S102  (our own generated literals)
+    preference = {k: v for k, v in namespace["PREFERENCE"].items() if k[0] != device}
+    preference.update(preference_from_results(results))
+    sources = {k: v for k, v in namespace["SOURCES"].items() if k != device}
+    sources[device] = {"device": str(results.get("device_name")), "date": str(results.get("date")),
+                       "commit": str(results.get("git_commit"))}
+    return render(sources, dict(sorted(preference.items())), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a results.json written by python -m benchmarks")
+    parser.add_argument("--write", action="store_true", help=f"update {TABLE_PATH.name} in place")
+    parser.add_argument("--out", type=Path, help="write the updated table module here instead")
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    text = updated_table(results, TABLE_PATH.read_text())
+    if args.write or args.out:
+        (args.out or TABLE_PATH).write_text(text)
+    else:
+        print(text[text.index(_BEGIN):text.index(_END) + len(_END)], end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

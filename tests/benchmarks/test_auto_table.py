@@ -1,0 +1,71 @@
+"""benchmarks.auto_table: a benchmark run becomes the order in which `auto` tries fused backends."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path[:1]:  # see test_cli.py: the real `benchmarks` package must win
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import auto_table  # noqa: E402
+
+
+def _row(op, shape, provider, ms, pass_="fwd+bwd", status="ok"):
+    return {"kind": "op", "op": op, "pass": pass_, "shape": shape, "provider": provider, "status": status,
+            "time_ms": {"median": ms} if status == "ok" else None}
+
+
+RESULTS = {
+    "device_type": "cuda", "device_name": "Some GPU", "date": "2026-01-01T00:00:00", "git_commit": "abc",
+    "rows": [
+        _row("rla_update", "C512xH28", "eager", 1.0),
+        _row("rla_update", "C512xH28", "cuda", 0.5),
+        _row("rla_update", "C512xH28", "triton", 0.4),
+        _row("rla_update", "C2048xH7", "cuda", 0.2),
+        _row("rla_update", "C2048xH7", "triton", 0.3),
+        _row("rla_update", "C2048xH7", "triton", 0.01, pass_="fwd"),  # forward only: ignored
+        _row("concat_conv_bn_act", "C256xH56", "cuda", 2.0),
+        _row("concat_conv_bn_act", "C256xH56", "triton", None, status="error"),  # failed: left out
+        {"kind": "e2e", "op": "rla_resnet50", "provider": "cuda", "status": "ok", "time_ms": {"median": 9.0}},
+    ],
+}
+
+
+def test_preference_orders_fused_backends_by_fwd_bwd_median():
+    assert auto_table.preference_from_results(RESULTS) == {
+        ("cuda", "concat_conv_bn_act", 56): ("cuda",),
+        ("cuda", "rla_update", 7): ("cuda", "triton"),
+        ("cuda", "rla_update", 28): ("triton", "cuda"),
+    }
+
+
+def _load(text: str) -> dict:
+    namespace: dict = {}
+    exec(text, namespace)  # noqa: S102
+    return namespace
+
+
+def test_update_replaces_the_device_and_keeps_the_others(tmp_path):
+    text = auto_table.TABLE_PATH.read_text()
+    cpu_results = {"device_type": "cpu", "device_name": "CPU", "date": "d0", "git_commit": "c0",
+                   "rows": [_row("rla_update", "C512xH28", "cpp", 3.0)]}
+    text = auto_table.updated_table(cpu_results, text)
+    stale = dict(RESULTS, rows=[_row("rla_update", "C256xH56", "cuda", 1.0)])
+    text = auto_table.updated_table(stale, text)
+    table = _load(auto_table.updated_table(RESULTS, text))
+    assert table["PREFERENCE"] == {("cpu", "rla_update", 28): ("cpp",),
+                                   **auto_table.preference_from_results(RESULTS)}
+    assert table["SOURCES"]["cuda"] == {"device": "Some GPU", "date": "2026-01-01T00:00:00", "commit": "abc"}
+    assert table["SOURCES"]["cpu"]["commit"] == "c0"
+    assert table["size_class"](28, 28) == 28  # the module's code is kept around the generated part
+
+
+def test_cli_writes_the_table_module(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(RESULTS))
+    out = tmp_path / "_auto_table.py"
+    assert auto_table.main([str(results), "--out", str(out)]) == 0
+    assert _load(out.read_text())["PREFERENCE"][("cuda", "rla_update", 28)] == ("triton", "cuda")
+    assert auto_table.TABLE_PATH.read_text() != out.read_text()  # the package's table is left alone
