@@ -149,6 +149,11 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _fail(row: Row, e: BaseException) -> None:
+    """Mark `row` failed with `e` (call inside the except block: the traceback is the current one)."""
+    row.update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+
+
 def _base_row(kind: str, op: str, pass_: str, shape: str, provider: str, batch: int, cfg: Settings) -> Row:
     return {"kind": kind, "op": op, "pass": pass_, "shape": shape, "provider": provider, "batch": batch,
             "dtype": str(cfg.dtype).replace("torch.", ""), "status": "ok", "error": None, "time_ms": None}
@@ -169,7 +174,7 @@ def run_op_case(op: str, stage: Stage, providers: Sequence[str], cfg: Settings, 
                 rows[pass_, p].update(status="unavailable", error=str(e))
         except Exception as e:
             for pass_ in cfg.passes:
-                rows[pass_, p].update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+                _fail(rows[pass_, p], e)
     for pass_ in cfg.passes:
         fns = {}
         for p, case in built.items():
@@ -177,7 +182,7 @@ def run_op_case(op: str, stage: Stage, providers: Sequence[str], cfg: Settings, 
             try:
                 fn()  # a failing provider gets its error row instead of stopping the others' timing
             except Exception as e:
-                rows[pass_, p].update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+                _fail(rows[pass_, p], e)
                 continue
             fns[p] = fn
         try:
@@ -185,7 +190,7 @@ def run_op_case(op: str, stage: Stage, providers: Sequence[str], cfg: Settings, 
                                               budget_s=cfg.row_budget_s)
         except Exception as e:
             for p in fns:
-                rows[pass_, p].update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+                _fail(rows[pass_, p], e)
             continue
         for p, t in timings.items():
             row, case = rows[pass_, p], built[p]
@@ -235,7 +240,7 @@ def run_e2e_cases(entries: Sequence[tuple[str, str]], cfg: Settings) -> list[Row
             row.update(status="unavailable", error=str(e))
             continue
         except Exception as e:
-            row.update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+            _fail(row, e)
             continue
         built[model, provider] = ts
     if built:
@@ -245,7 +250,7 @@ def run_e2e_cases(entries: Sequence[tuple[str, str]], cfg: Settings) -> list[Row
                                               warmup=warmup, repeats=cfg.e2e_repeats, gpu_timer=timing.time_loop)
         except Exception as e:
             for key in built:
-                rows[key].update(status="error", error=_error_text(e), traceback=traceback.format_exc(limit=4))
+                _fail(rows[key], e)
             timings = {}
         for key, t in timings.items():
             rows[key]["time_ms"] = t.as_dict()

@@ -53,6 +53,12 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what
     torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
 
+def assert_forward_close(got: tuple, want: tuple, dtype: torch.dtype, saved_name: str) -> None:
+    """A forward kernel's (out, saved, mean, var) against the formulas' tuple in the same order."""
+    for i, what in ((1, saved_name), (2, "mean"), (3, "var (biased)"), (0, "out")):
+        assert_close(got[i], want[i], dtype, what)
+
+
 def batch_norm(z, mean, var, gamma, beta):
     return (z - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + EPS) * gamma[None, :, None, None] \
         + beta[None, :, None, None]
@@ -111,10 +117,7 @@ def test_ccba_forward_backward(shape, fmt, dtype, training, relu):
     want_fmt = fmt_of(fmt) if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
         else torch.contiguous_format
     assert out.is_contiguous(memory_format=want_fmt) and z.is_contiguous(memory_format=want_fmt)
-    assert_close(z, r_z, dtype, "z")
-    assert_close(mean, r_mean, dtype, "mean")
-    assert_close(var, r_var, dtype, "var (biased)")
-    assert_close(out, r_out, dtype, "out")
+    assert_forward_close((out, z, mean, var), (r_out, r_z, r_mean, r_var), dtype, "z")
     if not training:
         assert mean.data_ptr() != mean_in.data_ptr() and var.data_ptr() != var_in.data_ptr(), "eval stats must be copies"
 
@@ -139,10 +142,7 @@ def test_ccba_half(dtype, fmt):
     ref = {n: p[n].to(dtype).double().requires_grad_() for n in ("x", "h", "w")}
     r_out, r_z, r_mean, r_var = ccba_formula(ref["x"], ref["h"], ref["w"], p["gamma"], p["beta"], None, None, True)
     assert out.dtype == dtype and mean.dtype == torch.float32
-    assert_close(z, r_z, dtype, "z")
-    assert_close(mean, r_mean, dtype, "mean")
-    assert_close(var, r_var, dtype, "var")
-    assert_close(out, r_out, dtype, "out")
+    assert_forward_close((out, z, mean, var), (r_out, r_z, r_mean, r_var), dtype, "z")
     up = in_format(p["up"], dtype, fmt)
     dx, dh, dw, dgamma, dbeta = OPS.concat_conv_bn_act_kernel_bwd(up, x, h, w, gamma, beta, z, mean, var, EPS, True,
                                                                   True)
@@ -202,10 +202,7 @@ def test_update_forward_backward(shape, pool, fmt, dtype, training):
         else torch.contiguous_format
     assert out.dtype == dtype and s.dtype == dtype and mean.dtype == sd and var.dtype == sd
     assert out.is_contiguous(memory_format=want_fmt) and s.is_contiguous(memory_format=want_fmt)
-    assert_close(s, r_s, dtype, "s")
-    assert_close(mean, r_mean, dtype, "mean")
-    assert_close(var, r_var, dtype, "var (biased)")
-    assert_close(out, r_out, dtype, "out")
+    assert_forward_close((out, s, mean, var), (r_out, r_s, r_mean, r_var), dtype, "s")
 
     up = in_format(p["up"], dtype, fmt)
     dh, dy, dw_out, dw_rec, dgamma, dbeta = OPS.rla_update_kernel_bwd(up, h, y, w_out, gamma, beta, w_rec, s, mean,
@@ -235,10 +232,7 @@ def test_update_half(dtype, pool):
     r_out, r_s, r_mean, r_var = update_formula(ref["h"], ref["y"], ref["w_out"], p["gamma"], p["beta"], None, None,
                                                ref["w_rec"], pool)
     assert out.dtype == dtype and mean.dtype == torch.float32
-    assert_close(s, r_s, dtype, "s")
-    assert_close(mean, r_mean, dtype, "mean")
-    assert_close(var, r_var, dtype, "var")
-    assert_close(out, r_out, dtype, "out")
+    assert_forward_close((out, s, mean, var), (r_out, r_s, r_mean, r_var), dtype, "s")
     up = in_format(p["up"], dtype, fmt)
     grads = OPS.rla_update_kernel_bwd(up, h, y, w_out, gamma, beta, w_rec, s, mean, var, pool, EPS, True)
     (r_out * p["up"].to(dtype).double()).sum().backward()
