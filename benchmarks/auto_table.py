@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.shapes import stage_by_label
 from rla_ext import _auto_table
 
 FUSED = ("cpp", "cuda", "triton")
@@ -31,10 +31,10 @@ def preference_from_results(results: dict[str, Any]) -> dict[tuple[str, str, int
         if (row.get("kind") != "op" or row.get("pass") != "fwd+bwd" or row.get("status") != "ok"
                 or row.get("provider") not in FUSED or not row.get("time_ms")):
             continue
-        match = re.search(r"xH(\d+)$", row["shape"])
-        if match is None:
+        try:
+            size = stage_by_label(row["shape"]).size
+        except ValueError:  # not one of the stage shapes
             continue
-        size = int(match.group(1))
         times[device, row["op"], _auto_table.size_class(size, size)].append((row["time_ms"]["median"],
                                                                               row["provider"]))
     return {key: tuple(p for _, p in sorted(v)) for key, v in sorted(times.items())}
