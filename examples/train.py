@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default=None, help="rla_ext backend: torch, cpp, cuda, triton or auto")
     p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                   help="parameter and input dtype (float64: bit-level comparisons between backends)")
     p.add_argument("--shared-blocks", action="store_true", help="the shared-block recurrence variant")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -97,12 +99,13 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    dtype = getattr(torch, args.dtype)
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in load_digits(args.size, args.seed))
-    x_tr, x_te = x_tr.contiguous(memory_format=fmt), x_te.contiguous(memory_format=fmt)
+    x_tr, x_te = (t.to(dtype).contiguous(memory_format=fmt) for t in (x_tr, x_te))
 
     model = models.get_model(args.arch, num_classes=10, rla_channel=args.rla_channel, backend=args.backend,
                              in_channels=1, shared_blocks=args.shared_blocks)
-    model = model.to(device, memory_format=fmt)
+    model = model.to(device, dtype=dtype, memory_format=fmt)
     if args.sync_bn:
         from rla_ext.nn import convert_sync_batchnorm
         model = convert_sync_batchnorm(model)

@@ -54,17 +54,22 @@ def _fused_params():
 
 @pytest.mark.parametrize("backend", _fused_params())
 def test_fused_backend_follows_reference_trajectory(backend):
-    # Gradients of the two backends agree to ~5e-6 (float32 rounding); training amplifies such
-    # differences roughly tenfold per step at this batch size, so the first steps are held tight
-    # and the later ones only loosely.
+    # float64 carries the real comparison: its rounding noise (1e-16) stayed below 1.5e-14 over 25 steps
+    # (measured with oneDNN/ATen on their AVX-512 and forced AVX2 paths), so 1e-11 leaves a 700x margin
+    # and still catches any gradient that is not the reference's.
     main = _main()
     steps = ["--max-steps", "10", "--lr", "0.02"]
-    ref = main([*FAST, *steps, "--backend", "torch"])["losses"]
-    fused = main([*FAST, *steps, "--backend", backend])["losses"]
-    assert len(ref) == len(fused) == 10
-    for i, (a, b) in enumerate(zip(ref, fused)):
-        tol = 1e-4 if i < 5 else 5e-2
-        assert abs(a - b) <= tol * abs(a), f"step {i}: torch {a} vs {backend} {b}"
+    for dtype, tight_steps, loose in (("float64", 10, None), ("float32", 3, 0.1)):
+        ref = main([*FAST, *steps, "--dtype", dtype, "--backend", "torch"])["losses"]
+        fused = main([*FAST, *steps, "--dtype", dtype, "--backend", backend])["losses"]
+        assert len(ref) == len(fused) == 10
+        for i, (a, b) in enumerate(zip(ref, fused)):
+            # float32: this small network amplifies rounding differences ~30x per step from step 3 on
+            # (the reference alone differs by 2e-3 at step 4 between oneDNN's AVX2 and AVX-512 kernels,
+            # and by up to 4e-2 from its own float64 run within 10 steps), so only the first three
+            # steps are held tight; later ones get a loose bound ~3x that measured spread.
+            tol = (1e-11 if dtype == "float64" else 1e-5) if i < tight_steps else loose
+            assert abs(a - b) <= tol * abs(a), f"{dtype} step {i}: torch {a} vs {backend} {b}"
 
 
 def test_amp_and_channels_last_run():
