@@ -15,6 +15,11 @@ TORCH_LIBRARY_FRAGMENT(rla_ext, m) {
   m.def("rla_update_kernel_bwd(Tensor grad_out, Tensor h, Tensor y, Tensor out_weight, Tensor gamma, "
         "Tensor beta, Tensor rec_weight, Tensor s, Tensor mean, Tensor var, bool pool, float eps, bool training) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The instruction-set variant of the CPU kernels' hot loops (csrc/cpu/isa.h): the one in use, the
+  // best this CPU runs, and a switch for tests (returns the previous one).
+  m.def("cpu_isa() -> str");
+  m.def("cpu_isa_supported() -> str");
+  m.def("set_cpu_isa(str isa) -> str");
 }
 
 // `import rla_ext._C` only has to load this library so the registrations above run; the module

@@ -3,12 +3,42 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import platform
 from typing import Any
 
 import torch
 
 from rla_ext import _backend, _extension
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU and the instruction sets in use: torch's (ATen's kernel dispatch) and rla_ext's own
+    (the cpp kernels' hot loops, csrc/cpu/isa.h; None when the extension is not built)."""
+    ours = supported = None
+    if _extension.cpp_compiled():
+        ours, supported = torch.ops.rla_ext.cpu_isa(), torch.ops.rla_ext.cpu_isa_supported()
+    return {
+        "model": _cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch_isa": torch.backends.cpu.get_cpu_capability(),
+        "kernels_isa": ours,
+        "kernels_isa_supported": supported,
+        # Environment caps that change which kernels run (and how they round).
+        "isa_caps": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+                     if k in os.environ},
+    }
 
 
 def build_info() -> dict[str, Any]:
@@ -36,6 +66,7 @@ def build_info() -> dict[str, Any]:
         "triton_version": triton_version,
         "triton_available": triton_version is not None and not str(triton_version).startswith("unimportable"),
         "triton_interpreter": _backend.triton_interpreter_on(),
+        "cpu": cpu_info(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "available_backends": {"cpu": _backend.available_backends("cpu"),
                                **({"cuda": _backend.available_backends("cuda")}

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu/fast_math.h"
+#include "cpu/isa.h"
 
 namespace rla_ext::cpu {
 
@@ -33,52 +34,55 @@ constexpr int64_t kRowsPerChunk = 128;
 // without reassociating floating-point additions (which it may not do on its own).
 constexpr int64_t kLanes = 16;
 
-// The hot loops below are compiled twice, for AVX2 and for the baseline x86-64 ISA, and the loader
-// picks one for the running CPU: the extension is built without -mavx2 (it must load anywhere), which
-// would otherwise leave them at 4-wide SSE. The functors passed in are inlined into each clone.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define RLA_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define RLA_SIMD_CLONES
-#endif
+// The hot loops below run through isa_dispatch (cpu/isa.h): compiled for the baseline, AVX2 and
+// AVX-512 targets, the variant picked at load for the running CPU. The functors passed in are
+// inlined into each variant.
 
 // Rows [r0, r1) of a channels_last tensor: f(i, c, p1[c], p2[c]) for every element.
 template <typename acc_t, typename F>
-RLA_SIMD_CLONES void reduce_rows(int64_t r0, int64_t r1, int64_t C, acc_t* p1, acc_t* p2, const F& f) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t base = r * C;
-    for (int64_t c = 0; c < C; ++c) f(base + c, c, p1[c], p2[c]);
-  }
+void reduce_rows(int64_t r0, int64_t r1, int64_t C, acc_t* p1, acc_t* p2, const F& f) {
+  isa_dispatch([&] {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * C;
+      for (int64_t c = 0; c < C; ++c) f(base + c, c, p1[c], p2[c]);
+    }
+  });
 }
 
 // One NCHW plane of channel c (HW values from `base`), summed in kLanes independent lanes.
 template <typename acc_t, typename F>
-RLA_SIMD_CLONES void reduce_plane(int64_t base, int64_t HW, int64_t c, acc_t& out1, acc_t& out2, const F& f) {
-  acc_t l1[kLanes] = {}, l2[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= HW; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) f(base + i + j, c, l1[j], l2[j]);
-  for (int64_t j = 0; i < HW; ++i, ++j) f(base + i, c, l1[j], l2[j]);
-  acc_t p1 = 0, p2 = 0;
-  for (int64_t j = 0; j < kLanes; ++j) {
-    p1 += l1[j];
-    p2 += l2[j];
-  }
-  out1 = p1;
-  out2 = p2;
+void reduce_plane(int64_t base, int64_t HW, int64_t c, acc_t& out1, acc_t& out2, const F& f) {
+  isa_dispatch([&] {
+    acc_t l1[kLanes] = {}, l2[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= HW; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) f(base + i + j, c, l1[j], l2[j]);
+    for (int64_t j = 0; i < HW; ++i, ++j) f(base + i, c, l1[j], l2[j]);
+    acc_t p1 = 0, p2 = 0;
+    for (int64_t j = 0; j < kLanes; ++j) {
+      p1 += l1[j];
+      p2 += l2[j];
+    }
+    out1 = p1;
+    out2 = p2;
+  });
 }
 
 template <typename F>
-RLA_SIMD_CLONES void apply_rows(int64_t r0, int64_t r1, int64_t C, const F& f) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t base = r * C;
-    for (int64_t c = 0; c < C; ++c) f(base + c, c);
-  }
+void apply_rows(int64_t r0, int64_t r1, int64_t C, const F& f) {
+  isa_dispatch([&] {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * C;
+      for (int64_t c = 0; c < C; ++c) f(base + c, c);
+    }
+  });
 }
 
 template <typename F>
-RLA_SIMD_CLONES void apply_plane(int64_t base, int64_t HW, int64_t c, const F& f) {
-  for (int64_t i = 0; i < HW; ++i) f(base + i, c);
+void apply_plane(int64_t base, int64_t HW, int64_t c, const F& f) {
+  isa_dispatch([&] {
+    for (int64_t i = 0; i < HW; ++i) f(base + i, c);
+  });
 }
 
 // Adds f's two contributions of every element of each channel into sum1[c], sum2[c].
@@ -146,9 +150,11 @@ struct ActIdentity {
   template <typename A> static A grad(A up, A) { return up; }
 };
 struct ActRelu {
-  template <typename A> static A fwd(A v) { return v > A(0) ? v : A(0); }
-  // Same rule as PyTorch's threshold_backward: the gradient passes where the output is positive.
-  template <typename A> static A grad(A up, A v) { return v > A(0) ? up : A(0); }
+  // `v < 0 ? 0 : v`, not `v > 0 ? v : 0`: a NaN propagates, as through torch.relu.
+  template <typename A> static A fwd(A v) { return v < A(0) ? A(0) : v; }
+  // PyTorch's threshold_backward rule, `v <= 0 ? 0 : up`: blocked where the output is not positive,
+  // passed where it is positive or NaN.
+  template <typename A> static A grad(A up, A v) { return v <= A(0) ? A(0) : up; }
 };
 struct ActTanh {
   template <typename A> static A fwd(A v) { return tanh_approx(v); }
@@ -236,6 +242,15 @@ void bn_act_backward(const T* up, const T* z, T* dz, const ChannelLayout& L, con
     k3[c] = training ? -sc[c] * dbeta[c] * inv_m : acc_t(0);
   }
   const acc_t *K1 = k1.data(), *K2 = k2.data(), *K3 = k3.data();
+  if (!training) {
+    // Eval: dz = gamma*rstd*g alone. Not the training form with zero coefficients: 0 * (z - mean) is
+    // NaN where z is NaN or inf, and the reference's eval gradient does not depend on z there.
+    for_each_element(L, [=](int64_t i, int64_t c) {
+      const acc_t zi = static_cast<acc_t>(z[i]);
+      dz[i] = static_cast<T>(K1[c] * Act::grad(static_cast<acc_t>(up[i]), zi * sc[c] + sh[c]));
+    });
+    return;
+  }
   for_each_element(L, [=](int64_t i, int64_t c) {
     const acc_t zi = static_cast<acc_t>(z[i]);
     const acc_t g = Act::grad(static_cast<acc_t>(up[i]), zi * sc[c] + sh[c]);

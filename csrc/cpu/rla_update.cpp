@@ -12,6 +12,7 @@
 
 #include "cpu/batchnorm.h"
 #include "cpu/common.h"
+#include "cpu/isa.h"
 
 namespace rla_ext::cpu {
 namespace {
@@ -44,20 +45,22 @@ void for_each_window(const at::Tensor& big, const at::Tensor& small, bool cl, co
   at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / H, i = r % H;
-      if (cl) {
-        for (int64_t j = 0; j < W; ++j) {
-          const int64_t dst = ((n * H + i) * W + j) * K;
-          const int64_t s0 = ((n * Hb + 2 * i) * Wb + 2 * j) * K, s1 = s0 + K, s2 = s0 + Wb * K, s3 = s2 + K;
-          for (int64_t c = 0; c < K; ++c) f(dst + c, s0 + c, s1 + c, s2 + c, s3 + c);
+      isa_dispatch([&] {
+        if (cl) {
+          for (int64_t j = 0; j < W; ++j) {
+            const int64_t dst = ((n * H + i) * W + j) * K;
+            const int64_t s0 = ((n * Hb + 2 * i) * Wb + 2 * j) * K, s1 = s0 + K, s2 = s0 + Wb * K, s3 = s2 + K;
+            for (int64_t c = 0; c < K; ++c) f(dst + c, s0 + c, s1 + c, s2 + c, s3 + c);
+          }
+        } else {
+          for (int64_t c = 0; c < K; ++c) {
+            const int64_t dst = ((n * K + c) * H + i) * W;
+            const int64_t s0 = ((n * K + c) * Hb + 2 * i) * Wb;
+            for (int64_t j = 0; j < W; ++j)
+              f(dst + j, s0 + 2 * j, s0 + 2 * j + 1, s0 + Wb + 2 * j, s0 + Wb + 2 * j + 1);
+          }
         }
-      } else {
-        for (int64_t c = 0; c < K; ++c) {
-          const int64_t dst = ((n * K + c) * H + i) * W;
-          const int64_t s0 = ((n * K + c) * Hb + 2 * i) * Wb;
-          for (int64_t j = 0; j < W; ++j)
-            f(dst + j, s0 + 2 * j, s0 + 2 * j + 1, s0 + Wb + 2 * j, s0 + Wb + 2 * j + 1);
-        }
-      }
+      });
     }
   });
 }

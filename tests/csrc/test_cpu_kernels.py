@@ -3,7 +3,8 @@
 Forward results (output, the saved pre-BN tensor z / s, batch mean and BIASED variance) are checked
 against the formulas written out below; backward results against torch autograd through the same
 formulas written as a plain PyTorch composition. float64 and float32 element-wise, float16 / bfloat16
-against a float64 reference; both memory formats; odd sizes (N=1, H=W=1, primes, k not a multiple of 8).
+against a float64 reference; both memory formats; odd sizes (N=1, H=W=1, primes, k not a multiple of 8);
+every instruction-set variant of the hot loops that this CPU runs (baseline, AVX2, AVX-512).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.skipif(not _extension.cpp_compiled(),
 
 OPS = torch.ops.rla_ext
 EPS = 1e-5
+ISAS = ("default", "avx2", "avx512")
 FORMATS = ("contiguous", "channels_last")
 # (rtol, atol) per dtype for element-wise comparison with the float64 formulas (inputs are O(1)).
 TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2),
@@ -25,9 +27,32 @@ TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (2e-4, 2e-4), torch.float16:
 # (N, C, k, C_out, H, W): batch of one, 1x1 images, primes, k not a multiple of 8. In channels_last
 # the 1x1 convs take the BLAS route when there are fewer pixel rows than input channels (the last
 # shape here) and oneDNN otherwise: both routes are covered.
-CCBA_SHAPES = [(1, 3, 5, 7, 1, 3), (2, 13, 5, 11, 7, 5), (3, 17, 3, 8, 3, 7), (2, 8, 32, 16, 1, 1)]
+# The last shapes are wide enough for full AVX-512 vectors plus a tail in both formats (37 output
+# channels, 42-pixel planes).
+CCBA_SHAPES = [(1, 3, 5, 7, 1, 3), (2, 13, 5, 11, 7, 5), (3, 17, 3, 8, 3, 7), (2, 8, 32, 16, 1, 1),
+               (2, 40, 32, 37, 6, 7)]
 # (N, C, k, H, W) of y; with pool h is (2H + H%2, 2W + W%2) so floor mode drops a row/column.
-UPDATE_SHAPES = [(1, 3, 5, 1, 3), (2, 13, 5, 7, 5), (3, 17, 3, 3, 7), (2, 8, 32, 1, 1)]
+UPDATE_SHAPES = [(1, 3, 5, 1, 3), (2, 13, 5, 7, 5), (3, 17, 3, 3, 7), (2, 8, 32, 1, 1), (2, 24, 35, 6, 7)]
+
+
+def runnable_isas() -> list[str]:
+    """The instruction-set variants of the hot loops this CPU can run (csrc/cpu/isa.h)."""
+    if not _extension.cpp_compiled():
+        return ["unbuilt"]
+    return list(ISAS[:ISAS.index(OPS.cpu_isa_supported()) + 1])
+
+
+@pytest.fixture(autouse=True, scope="module", params=runnable_isas())
+def isa(request):
+    """Every test here runs once per variant the machine can run, not only the one picked at load."""
+    if request.param == "unbuilt":
+        yield request.param
+        return
+    previous = OPS.set_cpu_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        OPS.set_cpu_isa(previous)
 
 
 def fmt_of(name: str) -> torch.memory_format:
