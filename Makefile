@@ -30,6 +30,7 @@ build: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	$(PY) scripts/test_lower_isa.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks --quick

@@ -105,3 +105,14 @@ def test_variants_agree_at_a_stage_shape(fmt):
         for i, (got, want) in enumerate(zip(res, base)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()),
                                        msg=lambda m: f"{isa} vs default, result {i}: {m}")
+
+
+@pytest.mark.isa_sensitive
+@pytest.mark.skipif("RLA_EXT_EXPECT_TORCH_ISA" not in os.environ,
+                    reason="only meaningful in scripts/test_lower_isa.py's forced-ISA rerun, which sets it")
+def test_forced_lower_isa_took_effect():
+    """The rerun really ran torch's and our kernels one ISA down (a cap that silently did nothing would
+    make the rerun a copy of the first run)."""
+    want = os.environ["RLA_EXT_EXPECT_TORCH_ISA"]
+    assert torch.backends.cpu.get_cpu_capability() == want
+    assert OPS.cpu_isa() == want.lower()

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from rla_ext import _extension
 
-pytestmark = pytest.mark.skipif(not _extension.cpp_compiled(),
-                                reason=f"rla_ext._C has no CPU kernels ({_extension.load_error() or 'not built'})")
+pytestmark = [pytest.mark.skipif(not _extension.cpp_compiled(),
+                                 reason=f"rla_ext._C has no CPU kernels ({_extension.load_error() or 'not built'})"),
+              pytest.mark.isa_sensitive]  # rerun with torch on a lower ISA by scripts/test_lower_isa.py
 
 OPS = torch.ops.rla_ext
 EPS = 1e-5

@@ -13,6 +13,8 @@ import pytest
 from rla_model_testing import kernel_problem
 import rla_ext
 
+pytestmark = pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_lower_isa.py
+
 pytest.importorskip("sklearn", reason="examples/train.py needs scikit-learn for its bundled digits data")
 pytest.importorskip("tqdm", reason="examples/train.py shows a tqdm progress bar")
 

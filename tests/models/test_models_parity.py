@@ -12,6 +12,8 @@ from published_rla import RefBasic, RefBottleneck, RefRLANet, randomize_
 from rla_ext import models
 from rla_ext.nn import RLABasicBlock
 
+pytestmark = pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_lower_isa.py
+
 TOL = dict(rtol=1e-7, atol=1e-9)
 
 

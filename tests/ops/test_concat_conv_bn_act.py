@@ -11,6 +11,8 @@ from rla_ext.ops import concat_conv_bn_act
 from rla_testing import (backend_device_params, clone_inputs, compare_with_reference, dtype_supported,
                          is_interpreted, make_ccba_inputs)
 
+pytestmark = pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_lower_isa.py
+
 # (N, C, k, C_out, (H, W)): odd sizes, N=1, H=W=1, primes.
 CASES = [(2, 8, 4, 6, (5, 5)), (1, 3, 2, 5, (7, 3)), (3, 5, 1, 7, (1, 1)), (2, 13, 3, 11, (2, 5))]
 FORMATS = ["contiguous", "channels_last"]

@@ -12,6 +12,8 @@ from rla_ext.ops import concat_conv_bn_act, rla_update
 from rla_testing import (backend_device_params, clone_inputs, make_ccba_inputs, make_update_inputs, run_op,
                          to_format)
 
+pytestmark = pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_lower_isa.py
+
 
 def poke(t: torch.Tensor, values: dict[tuple, float]) -> torch.Tensor:
     t = t.detach().clone(memory_format=torch.preserve_format)

@@ -11,6 +11,8 @@ from rla_ext.ops import rla_update
 from rla_testing import (backend_device_params, clone_inputs, compare_with_reference, dtype_supported,
                          is_interpreted, make_update_inputs)
 
+pytestmark = pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_lower_isa.py
+
 # (N, C, k, (H, W) of y): odd sizes (pooling then drops h's last row/col), N=1, H=W=1, primes.
 CASES = [(2, 8, 4, (4, 4)), (1, 5, 3, (3, 5)), (3, 7, 2, (1, 1)), (2, 12, 5, (2, 3))]
 FORMATS = ["contiguous", "channels_last"]
