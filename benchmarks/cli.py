@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import rla_ext
+from rla_ext import info
 from benchmarks import cases, model_step, report, timing
 from benchmarks.shapes import STAGES, Stage, stage_by_label
 
@@ -344,16 +345,7 @@ def _sort_key() -> Callable[[Row], tuple]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+    return f"{info.cpu_info()['model']} ({torch.get_num_threads()} threads)"
 
 
 def git_commit() -> dict[str, Any]:
@@ -379,7 +371,7 @@ def metadata(cfg: Settings, argv: Sequence[str] | None) -> dict[str, Any]:
     return {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "device_name": device_name(cfg.device), "torch_version": torch.__version__,
             "triton_version": triton_version, "python": platform.python_version(), **git_commit(),
-            "build_info": rla_ext.build_info(),
+            "build_info": rla_ext.build_info(), "cpu": info.cpu_info(),
             "argv": list(sys.argv[1:] if argv is None else argv), **cfg.describe()}
 
 

@@ -49,6 +49,13 @@ def _note(r: Row) -> str:
     return f"{r['status']}: {text[:120]}" + ("..." if len(text) > 120 else "")
 
 
+def _cpu_line(cpu: dict[str, Any]) -> str:
+    """The instruction sets that ran: tables from different CPUs (or caps) must not be compared blind."""
+    caps = ", ".join(f"{k}={v}" for k, v in (cpu.get("isa_caps") or {}).items()) or "none"
+    return (f"CPU {cpu.get('model')} · torch ISA {cpu.get('torch_isa')} · rla_ext cpp kernels ISA "
+            f"{cpu.get('kernels_isa')} (best supported {cpu.get('kernels_isa_supported')}) · ISA caps: {caps}")
+
+
 def markdown(meta: dict[str, Any], rows: Sequence[Row]) -> str:
     """Two tables, ops then end-to-end, preceded by the run's device, settings and copy bandwidth."""
     bw = meta.get("copy_bandwidth", {})
@@ -60,6 +67,8 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row]) -> str:
         f"{meta.get('date')} · commit {str(meta.get('git_commit'))[:12]} · torch {meta.get('torch_version')} · "
         f"triton {meta.get('triton_version')} · dtype {meta.get('dtype')} · batch {meta.get('batch')} · "
         f"channels_last {meta.get('channels_last')} · compile mode {meta.get('compile_mode')}",
+        "",
+        _cpu_line(meta.get("cpu") or {}),
         "",
         f"Copy bandwidth (copy of {_mb(bw.get('bytes'))} MB): {_f(bw.get('gbps'), '.1f')} GB/s. "
         "MB moved = compulsory traffic of a fused implementation (benchmarks/bytes_model.py); "

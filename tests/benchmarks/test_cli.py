@@ -64,8 +64,13 @@ def test_cli_tiny_run_writes_json_markdown_and_plot(tmp_path):
 
     data = json.loads((out / "results.json").read_text())
     for key in ("device_name", "torch_version", "triton_version", "build_info", "git_commit", "date",
-                "copy_bandwidth", "dtype", "batch", "rows"):
+                "copy_bandwidth", "dtype", "batch", "cpu", "rows"):
         assert key in data, key
+    # The instruction sets that ran are recorded, in the data and in the table's header.
+    assert data["cpu"]["torch_isa"] == torch.backends.cpu.get_cpu_capability()
+    assert data["cpu"]["kernels_isa"] == data["build_info"]["cpu"]["kernels_isa"]
+    assert f"torch ISA {data['cpu']['torch_isa']} · rla_ext cpp kernels ISA {data['cpu']['kernels_isa']}" \
+        in (out / "results.md").read_text()
     assert data["copy_bandwidth"]["gbps"] > 0
     rows = data["rows"]
     assert {(r["op"], r["pass"]) for r in rows} == {(op, p) for op in ("concat_conv_bn_act", "rla_update")
