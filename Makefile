@@ -7,7 +7,7 @@ STAMP := $(VENV)/.rla_ext_installed
 MAX_JOBS ?= 2
 export MAX_JOBS
 # Deps for the venv; torch 2.14.1 is the CUDA 13.0 build the CUDA sources compile against.
-DEPS := torch==2.14.1 "triton>=3.6" ninja pybind11 pytest pytest-benchmark hypothesis numpy matplotlib tqdm scikit-learn setuptools wheel
+DEPS := torch==2.14.1 torchvision==0.29.1 "triton>=3.6" ninja pybind11 pytest pytest-benchmark hypothesis numpy matplotlib tqdm scikit-learn setuptools wheel
 
 .PHONY: setup build test bench bench-suite info clean
 
