@@ -10,13 +10,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
+
+#include "device.cuh"
 
 namespace rla_ext {
 namespace cuda {
@@ -66,7 +66,7 @@ inline void check_format(const char* name, const at::Tensor& t, bool cl) {
 
 // (N, C, H, W) activation in format `cl`, like `like` (dtype, device).
 inline at::Tensor empty_act(const at::Tensor& like, int64_t n, int64_t c, int64_t h, int64_t w, bool cl) {
-  return at::empty({n, c, h, w}, like.options().memory_format(format_of(cl)));
+  return device_empty({n, c, h, w}, like.options().memory_format(format_of(cl)));
 }
 
 // A channels_last (N, C, H, W) tensor seen as the (N*H*W, C) row-major matrix it is in memory.
@@ -93,13 +93,14 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid size for grid-stride elementwise loops: enough blocks to fill the GPU, no more.
 inline unsigned elementwise_blocks(int64_t total, int threads) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = multiprocessor_count();
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, threads), sms * 32)));
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Activations applied after BatchNorm. grad() takes the BatchNorm output (recomputed from the pre-BN
-// value, never from the activation output) and the gradient at the activation output.
+// Activations applied after BatchNorm. grad<T>() takes the BatchNorm output (recomputed from the pre-BN
+// value, never from the activation output) and the gradient at the activation output; T is the stored
+// dtype of the activation output, whose rounding decides masks exactly as the forward's stored output.
 // ---------------------------------------------------------------------------------------------------
 
 // tanh(v) = sign(v) * (1 - e^{-2|v|}) / (1 + e^{-2|v|}), written with expm1 so small |v| keeps full
@@ -117,7 +118,7 @@ __device__ __forceinline__ double stable_tanh(double v) {
 struct ActNone {
   template <typename A>
   __device__ static A f(A v) { return v; }
-  template <typename A>
+  template <typename T, typename A>
   __device__ static A grad(A /*bn*/, A g) { return g; }
 };
 
@@ -125,15 +126,17 @@ struct ActRelu {
   // `v < 0 ? 0 : v` (not `v > 0 ? v : 0`) so a NaN propagates as in torch.relu.
   template <typename A>
   __device__ static A f(A v) { return v < A(0) ? A(0) : v; }
-  template <typename A>
-  __device__ static A grad(A bn, A g) { return bn > A(0) ? g : A(0); }
+  // torch.relu's backward zeroes the gradient where the stored output is <= 0 and passes it everywhere
+  // else, NaN included; the stored output is <= 0 exactly where the BatchNorm output rounds to <= 0.
+  template <typename T, typename A>
+  __device__ static A grad(A bn, A g) { return static_cast<A>(static_cast<T>(bn)) <= A(0) ? A(0) : g; }
 };
 
 struct ActTanh {
   template <typename A>
   __device__ static A f(A v) { return stable_tanh(v); }
   // 1 - a^2 as (1 - a)(1 + a): no cancellation when |a| is close to 1.
-  template <typename A>
+  template <typename T, typename A>
   __device__ static A grad(A bn, A g) {
     const A a = stable_tanh(bn);
     return g * (A(1) - a) * (A(1) + a);
@@ -182,14 +185,13 @@ __global__ void bn_params_kernel(const acc_t* __restrict__ mean, const acc_t* __
 inline at::Tensor bn_params_from_stats(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& gamma,
                                        const at::Tensor& beta, double eps) {
   const int64_t C = gamma.numel();
-  at::Tensor params = at::empty({4, C}, gamma.options());
+  at::Tensor params = device_empty({4, C}, gamma.options());
   const int threads = 128;
   AT_DISPATCH_FLOATING_TYPES(gamma.scalar_type(), "rla_ext_bn_params", [&] {
-    bn_params_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(C, threads)), threads, 0,
-                                 at::cuda::getCurrentCUDAStream()>>>(
-        mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(), gamma.data_ptr<scalar_t>(),
-        beta.data_ptr<scalar_t>(), params.data_ptr<scalar_t>(), C, eps);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<bn_params_kernel<scalar_t>>(static_cast<unsigned>(ceil_div(C, threads)), threads, 0,
+                                       mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(),
+                                       gamma.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
+                                       params.data_ptr<scalar_t>(), C, eps);
   });
   return params;
 }
@@ -259,6 +261,7 @@ struct ReducePlan {
 };
 
 // Depends on shapes only (not on the GPU), which keeps the statistics reproducible across devices.
+// M = 0 (an empty batch) gives one chunk of no rows: the finalize step still writes every channel.
 template <bool CL>
 inline ReducePlan make_reduce_plan(int64_t C, int64_t M) {
   using S = ReduceShape<CL>;
@@ -270,8 +273,8 @@ inline ReducePlan make_reduce_plan(int64_t C, int64_t M) {
   int64_t chunks = ceil_div(kTargetBlocks, plan.channel_blocks);
   chunks = std::min(chunks, ceil_div(M, S::TY * kMinRowsPerThread));
   chunks = std::max<int64_t>(1, std::min(chunks, kMaxChunks));
-  plan.rows_per_chunk = ceil_div(M, chunks);
-  plan.chunks = ceil_div(M, plan.rows_per_chunk);
+  plan.rows_per_chunk = std::max<int64_t>(1, ceil_div(M, chunks));
+  plan.chunks = std::max<int64_t>(1, ceil_div(M, plan.rows_per_chunk));
   return plan;
 }
 
@@ -296,7 +299,7 @@ __global__ void channel_partials_kernel(Producer prod, State* __restrict__ parti
     }
   }
 
-  __shared__ State sh[TY][TX];
+  RLA_SHARED(static, State, sh, [TY][TX]);
   sh[ty][tx] = st;
   __syncthreads();
 #pragma unroll
@@ -322,7 +325,7 @@ __global__ void channel_finalize_kernel(const State* __restrict__ partials, int6
   for (int64_t j = tid; j < chunks; j += kFinalizeThreads) {
     acc = Wide::combine(acc, partials[j * C + c].template widen<double>());
   }
-  __shared__ Wide sh[kFinalizeThreads];
+  RLA_SHARED(static, Wide, sh, [kFinalizeThreads]);
   sh[tid] = acc;
   __syncthreads();
 #pragma unroll
@@ -341,35 +344,21 @@ inline void reduce_channels(const Producer& prod, const Epilogue& epi, int64_t C
   static_assert(sizeof(State) == State::kFields * sizeof(acc_t), "state must be a packed array of acc_t");
   const ReducePlan plan = make_reduce_plan<CL>(C, M);
   TORCH_CHECK(C <= INT32_MAX, "rla_ext: too many channels for one reduction grid");
-  at::Tensor partials = at::empty({plan.chunks, C, State::kFields}, acc_opts);
+  at::Tensor partials = device_empty({plan.chunks, C, State::kFields}, acc_opts);
   State* part = reinterpret_cast<State*>(partials.data_ptr<acc_t>());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 block(ReduceShape<CL>::TX, ReduceShape<CL>::TY);
   const dim3 grid(static_cast<unsigned>(plan.channel_blocks), static_cast<unsigned>(plan.chunks));
-  channel_partials_kernel<CL, State><<<grid, block, 0, stream>>>(prod, part, C, HW, M, plan.rows_per_chunk);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  channel_finalize_kernel<State><<<static_cast<unsigned>(C), kFinalizeThreads, 0, stream>>>(part, plan.chunks, C,
-                                                                                             epi);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<channel_partials_kernel<CL, State, Producer>>(grid, block, 0, prod, part, C, HW, M, plan.rows_per_chunk);
+  launch<channel_finalize_kernel<State, Epilogue>>(static_cast<unsigned>(C), kFinalizeThreads, 0, part, plan.chunks,
+                                                   C, epi);
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Producers and epilogues shared by both ops.
 // ---------------------------------------------------------------------------------------------------
 
-// Statistics of an existing pre-BN tensor.
-template <typename T, bool CL>
-struct LoadForStats {
-  const T* __restrict__ v;
-  int64_t C, HW;
-  template <typename State>
-  __device__ __forceinline__ void operator()(State& st, int64_t n, int64_t p, int64_t c) const {
-    using A = decltype(st.mean);
-    st.push(static_cast<A>(v[act_offset<CL>(n, p, c, C, HW)]));
-  }
-};
-
-// Batch statistics -> mean, BIASED var (stat dtype) and the BatchNorm parameters.
+// Batch statistics -> mean, BIASED var (stat dtype) and the BatchNorm parameters. No values (an empty
+// batch) give NaN, as torch's mean and var of an empty tensor do.
 template <typename acc_t>
 struct StatsEpilogue {
   acc_t* mean_out;
@@ -380,8 +369,9 @@ struct StatsEpilogue {
   int64_t C;
   double eps;
   __device__ __forceinline__ void operator()(int64_t c, const WelfordState<double>& w) const {
-    const acc_t mean = static_cast<acc_t>(w.mean);
-    const acc_t var = static_cast<acc_t>(w.count > 0 ? w.m2 / w.count : 0.0);
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    const acc_t mean = static_cast<acc_t>(w.count > 0 ? w.mean : nan);
+    const acc_t var = static_cast<acc_t>(w.count > 0 ? w.m2 / w.count : nan);
     mean_out[c] = mean;
     var_out[c] = var;
     write_bn_params(params, C, c, mean, var, gamma[c], beta[c], eps);
@@ -399,7 +389,7 @@ struct BnBackwardProducer {
   __device__ __forceinline__ void operator()(SumPairState<acc_t>& st, int64_t n, int64_t p, int64_t c) const {
     const int64_t off = act_offset<CL>(n, p, c, C, HW);
     const acc_t v = static_cast<acc_t>(pre[off]);
-    const acc_t g = Act::grad(bp.bn(v, c), static_cast<acc_t>(gact[off]));
+    const acc_t g = Act::template grad<T>(bp.bn(v, c), static_cast<acc_t>(gact[off]));
     st.a += g;
     st.b += g * bp.xhat(v, c);
   }
@@ -418,6 +408,33 @@ struct BnBackwardEpilogue {
 // ---------------------------------------------------------------------------------------------------
 // Elementwise passes.
 // ---------------------------------------------------------------------------------------------------
+
+// fn.store(n, p, c, i) for every element i of an (N, C, H, W) activation in format CL.
+template <bool CL, typename Fn>
+__global__ void pointwise_kernel(Fn fn, int64_t total, int64_t C, int64_t HW) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    int64_t n, p, c;
+    if (CL) {
+      c = i % C;
+      const int64_t m = i / C;
+      n = m / HW;
+      p = m - n * HW;
+    } else {
+      p = i % HW;
+      const int64_t r = i / HW;
+      c = r % C;
+      n = r / C;
+    }
+    fn.store(n, p, c, i);
+  }
+}
+
+template <bool CL, typename Fn>
+inline void launch_pointwise(const Fn& fn, int64_t total, int64_t C, int64_t HW) {
+  const int threads = 256;
+  launch<pointwise_kernel<CL, Fn>>(elementwise_blocks(total, threads), threads, 0, fn, total, C, HW);
+}
 
 // out = Act(bn(v)).
 template <typename T, typename acc_t, bool CL, typename Act>
@@ -442,7 +459,7 @@ __global__ void bn_backward_elementwise_kernel(const T* __restrict__ gact, const
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     const int64_t c = channel_of<CL>(i, C, HW);
     const acc_t v = static_cast<acc_t>(pre[i]);
-    acc_t g = Act::grad(bp.bn(v, c), static_cast<acc_t>(gact[i]));
+    acc_t g = Act::template grad<T>(bp.bn(v, c), static_cast<acc_t>(gact[i]));
     if (training) g -= (dbeta[c] + bp.xhat(v, c) * dgamma[c]) * inv_count;
     dv[i] = static_cast<T>(bp.scale(c) * g);
   }
@@ -459,24 +476,9 @@ inline void launch_bn_act(const at::Tensor& v, at::Tensor& out, const at::Tensor
   const int64_t C = v.size(1);
   const int64_t HW = v.size(2) * v.size(3);
   const int threads = 256;
-  bn_act_kernel<T, acc_t, CL, Act><<<elementwise_blocks(total, threads), threads, 0,
-                                     at::cuda::getCurrentCUDAStream()>>>(
-      v.data_ptr<T>(), out.data_ptr<T>(), BnParams<acc_t>{params.data_ptr<acc_t>(), C}, total, C, HW);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Batch statistics of `v` (N, C, H, W): fills mean_out, var_out (biased) and params.
-template <typename T, bool CL>
-inline void launch_batch_stats(const at::Tensor& v, const at::Tensor& gamma, const at::Tensor& beta, double eps,
-                               at::Tensor& mean_out, at::Tensor& var_out, at::Tensor& params) {
-  using acc_t = at::opmath_type<T>;
-  const int64_t C = v.size(1);
-  const int64_t HW = v.size(2) * v.size(3);
-  const int64_t M = v.size(0) * HW;
-  LoadForStats<T, CL> prod{v.data_ptr<T>(), C, HW};
-  StatsEpilogue<acc_t> epi{mean_out.data_ptr<acc_t>(), var_out.data_ptr<acc_t>(), params.data_ptr<acc_t>(),
-                           gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), C, eps};
-  reduce_channels<CL, WelfordState, acc_t>(prod, epi, C, HW, M, gamma.options());
+  launch<bn_act_kernel<T, acc_t, CL, Act>>(elementwise_blocks(total, threads), threads, 0, v.data_ptr<T>(),
+                                           out.data_ptr<T>(), BnParams<acc_t>{params.data_ptr<acc_t>(), C}, total, C,
+                                           HW);
 }
 
 // Full BatchNorm(+activation) backward from the gradient at the activation output `gact` and the
@@ -493,14 +495,14 @@ inline at::Tensor bn_act_backward(const at::Tensor& gact, const at::Tensor& pre,
   BnBackwardEpilogue<acc_t> epi{dgamma.data_ptr<acc_t>(), dbeta.data_ptr<acc_t>()};
   reduce_channels<CL, SumPairState, acc_t>(prod, epi, C, HW, M, params.options());
 
-  at::Tensor dpre = at::empty_like(pre);
+  at::Tensor dpre = device_empty_like(pre);
   const int64_t total = pre.numel();
   const int threads = 256;
-  bn_backward_elementwise_kernel<T, acc_t, CL, Act><<<elementwise_blocks(total, threads), threads, 0,
-                                                      at::cuda::getCurrentCUDAStream()>>>(
-      gact.data_ptr<T>(), pre.data_ptr<T>(), bp, dgamma.data_ptr<acc_t>(), dbeta.data_ptr<acc_t>(),
-      dpre.data_ptr<T>(), total, C, HW, static_cast<acc_t>(1.0 / static_cast<double>(M)), training);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // An empty batch has no elements, so 1/M is never applied.
+  const acc_t inv_count = M > 0 ? static_cast<acc_t>(1.0 / static_cast<double>(M)) : acc_t(0);
+  launch<bn_backward_elementwise_kernel<T, acc_t, CL, Act>>(
+      elementwise_blocks(total, threads), threads, 0, gact.data_ptr<T>(), pre.data_ptr<T>(), bp,
+      dgamma.data_ptr<acc_t>(), dbeta.data_ptr<acc_t>(), dpre.data_ptr<T>(), total, C, HW, inv_count, training);
   return dpre;
 }
 
@@ -522,7 +524,7 @@ inline void check_stat_vector(const char* name, const at::Tensor& t, int64_t C, 
 
 inline void check_act(const char* name, const at::Tensor& t, const at::Tensor& ref, bool cl) {
   TORCH_CHECK(t.dim() == 4, name, ": expected a 4-D tensor, got ", t.sizes());
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, ": expected device ", ref.device(), ", got ",
+  TORCH_CHECK(is_device_tensor(t) && t.device() == ref.device(), name, ": expected device ", ref.device(), ", got ",
               t.device());
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), ", got ",
               t.scalar_type());
@@ -533,18 +535,20 @@ inline void check_act(const char* name, const at::Tensor& t, const at::Tensor& r
 // returned as (P, Q) in the stat dtype. The reduction index (n, pixel) has no single stride in NCHW,
 // so this is a batched GEMM (fp32 output for half types) summed over the batch in a fixed order,
 // in batch chunks that bound the temporary to ~2^25 elements.
+// An empty batch gives zeros.
 inline at::Tensor nchw_weight_grad(const at::Tensor& a3, const at::Tensor& b3) {
   const int64_t N = a3.size(0), P = a3.size(1), Q = b3.size(1);
   const at::ScalarType sd = stat_dtype_for(a3.scalar_type());
-  const bool half_type = a3.scalar_type() == at::kHalf || a3.scalar_type() == at::kBFloat16;
   const int64_t per = std::max<int64_t>(1, P * Q);
   const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t{1} << 25) / per));
+  if (N == 0) return at::zeros({P, Q}, a3.options().dtype(sd));
   at::Tensor acc;
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
     const int64_t len = std::min(nb, N - n0);
     const at::Tensor a = a3.narrow(0, n0, len);
     const at::Tensor b = b3.narrow(0, n0, len).transpose(1, 2);
-    at::Tensor part = half_type ? at::bmm(a, b, sd) : at::bmm(a, b);
+    at::Tensor part = device_empty({len, P, Q}, a.options().dtype(sd));
+    bmm_into(part, a, b);
     at::Tensor s = part.sum(0);
     if (acc.defined()) {
       acc.add_(s);

@@ -1,15 +1,17 @@
 // CUDA kernels of op A, concat_conv_bn_act: act(batch_norm(conv1x1(cat(x, h)))) without building
 // cat(x, h). See docs/ARCHITECTURE.md for the contract.
 //
-// The 1x1 conv is two GEMMs accumulating into one output, one per weight slice, so the concatenation
-// exists only as the split of the reduction: channels_last runs them as (N*H*W, C) row-major GEMMs,
-// NCHW as batched GEMMs over images. Everything after the GEMMs is the shared BatchNorm machinery of
-// batchnorm.cuh: one statistics reduction, one normalise+activation pass forward; one fused
+// The 1x1 conv splits its reduction at the concatenation, so cat(x, h) never exists: a GEMM computes
+// the x-part (channels_last as an (N*H*W, C) row-major GEMM, NCHW as a batched GEMM over images) and
+// leaves it UNROUNDED in the accumulation dtype (float for half types); the k-channel h-part is added
+// per element and z is rounded to T once, as a single GEMM over cat(x, h) would round it. That step
+// is fused into the BatchNorm statistics pass (training) or is one elementwise pass (eval). After it,
+// the shared BatchNorm machinery of batchnorm.cuh: one normalise+activation pass forward; one fused
 // activation+BatchNorm reduction and one elementwise pass backward.
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include "batchnorm.cuh"
+#include "ops.h"
 
 namespace rla_ext {
 namespace cuda {
@@ -24,29 +26,66 @@ void with_act(bool relu, F&& f) {
   }
 }
 
-// z = weight[:, :C] @ x + weight[:, C:] @ h per pixel, written in the format of x.
-at::Tensor conv1x1_two_slices(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, bool cl) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t k = h.size(1), Co = weight.size(0);
+// h-parts up to this many channels are added per element; wider ones by a GEMM in the accumulation dtype.
+constexpr int64_t kMaxDirectH = 64;
+
+// z = round_T(zx + weight[:, C:] @ h) per element, with zx = weight[:, :C] @ x unrounded (acc_t). zx may be
+// z itself (same buffer) when acc_t is T: each element is read before it is written, by the same thread.
+template <typename T, bool CL, typename acc_t>
+struct ConcatZ {
+  const acc_t* zx;
+  T* z;
+  const T* __restrict__ h;   // (N, kh, H, W)
+  const T* __restrict__ wh;  // weight + C: the h columns of output channel c start at wh + c * ldw
+  int64_t Co, HW, kh, ldw;   // kh = 0: the h-part is already in zx
+
+  __device__ __forceinline__ T value(int64_t n, int64_t p, int64_t c, int64_t off) const {
+    acc_t v = zx[off];
+    const T* w = wh + c * ldw;
+    for (int64_t j = 0; j < kh; ++j) {
+      v += static_cast<acc_t>(w[j]) * static_cast<acc_t>(h[act_offset<CL>(n, p, j, kh, HW)]);
+    }
+    return static_cast<T>(v);
+  }
+
+  // As a statistics producer (training): the statistics see exactly the stored z.
+  __device__ __forceinline__ void operator()(WelfordState<acc_t>& st, int64_t n, int64_t p, int64_t c) const {
+    const int64_t off = act_offset<CL>(n, p, c, Co, HW);
+    const T r = value(n, p, c, off);
+    z[off] = r;
+    st.push(static_cast<acc_t>(r));
+  }
+
+  // As an elementwise pass (eval).
+  __device__ __forceinline__ void store(int64_t n, int64_t p, int64_t c, int64_t off) const {
+    z[off] = value(n, p, c, off);
+  }
+};
+
+// zx = weight[:, :C] @ x (plus weight[:, C:] @ h when k > kMaxDirectH) into `zx`, a tensor of the
+// accumulation dtype in the format of x; returns how many h channels ConcatZ must still add.
+int64_t concat_gemm(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, at::Tensor& zx, bool cl) {
+  const int64_t N = x.size(0), C = x.size(1), k = h.size(1), Co = weight.size(0);
   const at::Tensor wx = weight.narrow(1, 0, C);  // (Co, C), row stride C + k: cuBLAS takes it as is
   const at::Tensor wh = weight.narrow(1, C, k);
-  at::Tensor z = empty_act(x, N, Co, H, W, cl);
+  const bool gemm_h = k > kMaxDirectH;
+  const at::ScalarType acc = zx.scalar_type();
   if (cl) {
-    at::Tensor z2 = rows_view(z);
-    at::mm_out(z2, rows_view(x), wx.t());
-    z2.addmm_(rows_view(h), wh.t());
+    at::Tensor zx2 = rows_view(zx);
+    mm_into(zx2, rows_view(x), wx.t());
+    if (gemm_h) zx2.addmm_(rows_view(h).to(acc), wh.t().to(acc));
   } else {
-    at::Tensor z3 = planes_view(z);
+    at::Tensor zx3 = planes_view(zx);
     // The weight is broadcast over the batch with stride 0; no copy.
-    at::bmm_out(z3, wx.unsqueeze(0).expand({N, Co, C}), planes_view(x));
-    z3.baddbmm_(wh.unsqueeze(0).expand({N, Co, k}), planes_view(h));
+    bmm_into(zx3, wx.unsqueeze(0).expand({N, Co, C}), planes_view(x));
+    if (gemm_h) zx3.baddbmm_(wh.unsqueeze(0).expand({N, Co, k}).to(acc), planes_view(h).to(acc));
   }
-  return z;
+  return gemm_h ? 0 : k;
 }
 
 void check_common(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& gamma,
                   const at::Tensor& beta, bool cl) {
-  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor");
+  TORCH_CHECK(is_device_tensor(x), "x: expected a CUDA tensor");
   TORCH_CHECK(x.dim() == 4, "x: expected a 4-D tensor, got ", x.sizes());
   check_format("x", x, cl);
   check_act("h", h, x, cl);
@@ -60,6 +99,8 @@ void check_common(const at::Tensor& x, const at::Tensor& h, const at::Tensor& we
   check_stat_vector("beta", beta, weight.size(0), sd, x);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_conv_bn_act_fwd_cuda(
     const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& gamma,
     const at::Tensor& beta, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, double eps,
@@ -67,8 +108,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_conv_bn_act_fw
   const bool cl = is_channels_last(x);
   check_common(x, h, weight, gamma, beta, cl);
   TORCH_CHECK(mean.has_value() == var.has_value(), "mean, var: give both or neither");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t Co = weight.size(0);
+  const DeviceGuard guard(x.device());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Co = weight.size(0), k = h.size(1);
   const at::ScalarType sd = stat_dtype_for(x.scalar_type());
   const bool training = !mean.has_value();
   if (!training) {
@@ -76,18 +118,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_conv_bn_act_fw
     check_stat_vector("var", *var, Co, sd, x);
   }
 
-  at::Tensor z = conv1x1_two_slices(x, h, weight, cl);
-  at::Tensor out = at::empty_like(z);
+  at::Tensor z = empty_act(x, N, Co, H, W, cl);
+  at::Tensor out = device_empty_like(z);
   at::Tensor mean_out, var_out, params;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_conv_bn_act_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     with_layout(cl, [&](auto layout) {
       constexpr bool CL = decltype(layout)::value;
+      constexpr bool same = std::is_same_v<acc_t, scalar_t>;
+      at::Tensor zx = same ? z : device_empty({N, Co, H, W}, z.options().dtype(c10::CppTypeToScalarType<acc_t>::value)
+                                                                 .memory_format(format_of(CL)));
+      const int64_t kh = concat_gemm(x, h, weight, zx, CL);
+      const int64_t HW = H * W;
+      ConcatZ<scalar_t, CL, acc_t> cz{zx.data_ptr<acc_t>(), z.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+                                      weight.data_ptr<scalar_t>() + C, Co, HW, kh, C + k};
       if (training) {
-        mean_out = at::empty({Co}, gamma.options());
-        var_out = at::empty({Co}, gamma.options());
-        params = at::empty({4, Co}, gamma.options());
-        launch_batch_stats<scalar_t, CL>(z, gamma, beta, eps, mean_out, var_out, params);
+        mean_out = device_empty({Co}, gamma.options());
+        var_out = device_empty({Co}, gamma.options());
+        params = device_empty({4, Co}, gamma.options());
+        StatsEpilogue<acc_t> epi{mean_out.data_ptr<acc_t>(), var_out.data_ptr<acc_t>(), params.data_ptr<acc_t>(),
+                                 gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), Co, eps};
+        reduce_channels<CL, WelfordState, acc_t>(cz, epi, Co, HW, N * HW, gamma.options());
       } else {
+        launch_pointwise<CL>(cz, z.numel(), Co, HW);
         // Returned stats must not alias the inputs (custom-op rule), hence the copies.
         mean_out = mean->clone();
         var_out = var->clone();
@@ -115,11 +168,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_co
   const at::ScalarType sd = stat_dtype_for(x.scalar_type());
   check_stat_vector("mean", mean, Co, sd, x);
   check_stat_vector("var", var, Co, sd, x);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
 
   const at::Tensor params = bn_params_from_stats(mean, var, gamma, beta, eps);
-  at::Tensor dgamma = at::empty({Co}, gamma.options());
-  at::Tensor dbeta = at::empty({Co}, gamma.options());
+  at::Tensor dgamma = device_empty({Co}, gamma.options());
+  at::Tensor dbeta = device_empty({Co}, gamma.options());
   at::Tensor dz;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_conv_bn_act_bwd_cuda", [&] {
     with_layout(cl, [&](auto layout) {
@@ -135,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_co
   const at::Tensor wh = weight.narrow(1, C, k);
   at::Tensor dx = empty_act(x, N, C, H, W, cl);
   at::Tensor dh = empty_act(h, N, k, H, W, cl);
-  at::Tensor dweight = at::empty_like(weight);
+  at::Tensor dweight = device_empty_like(weight);
   if (cl) {
     const at::Tensor dz2 = rows_view(dz);
     at::Tensor dx2 = rows_view(dx);
@@ -159,11 +212,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_co
   return {dx, dh, dweight, dgamma, dbeta};
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace rla_ext
-
-TORCH_LIBRARY_IMPL(rla_ext, CUDA, m) {
-  m.impl("concat_conv_bn_act_kernel_fwd", &rla_ext::cuda::concat_conv_bn_act_fwd_cuda);
-  m.impl("concat_conv_bn_act_kernel_bwd", &rla_ext::cuda::concat_conv_bn_act_bwd_cuda);
-}

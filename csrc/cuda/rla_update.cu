@@ -7,9 +7,9 @@
 // never reaches global memory. Backward recomputes a from s (never atanh of anything) and mirrors
 // the forward: the same direct kernel with transposed, flipped weights gives the gradient at a.
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include "batchnorm.cuh"
+#include "ops.h"
 
 namespace rla_ext {
 namespace cuda {
@@ -52,28 +52,12 @@ struct PoolAdd {
     s[off] = r;
     st.push(static_cast<acc_t>(r));
   }
-};
 
-// Eval: the same sum without statistics.
-template <typename T, bool CL, typename acc_t>
-__global__ void pool_add_kernel(PoolAdd<T, CL, acc_t> pa, int64_t total) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
-    int64_t n, p, c;
-    if (CL) {
-      c = i % pa.C;
-      const int64_t m = i / pa.C;
-      n = m / pa.HW;
-      p = m - n * pa.HW;
-    } else {
-      p = i % pa.HW;
-      const int64_t r = i / pa.HW;
-      c = r % pa.C;
-      n = r / pa.C;
-    }
-    pa.s[i] = pa.value(n, p, c, i);
+  // As an elementwise pass (eval): the same sum without statistics.
+  __device__ __forceinline__ void store(int64_t n, int64_t p, int64_t c, int64_t off) const {
+    s[off] = value(n, p, c, off);
   }
-}
+};
 
 // dh from ds: a quarter of ds to each of the 2x2 inputs of a pooled pixel, zero beyond 2H/2W.
 template <typename T, bool CL>
@@ -166,7 +150,7 @@ template <typename T, typename acc_t, bool CL, bool TRANSPOSE, typename In>
 __global__ void conv3x3_direct_kernel(In in, const T* __restrict__ weight, T* __restrict__ out, int k, int64_t H,
                                       int64_t W, int tile_h, int groups, int icc, int64_t tiles_w,
                                       int64_t tiles_per_image) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  RLA_SHARED(extern, unsigned char, smem_raw, []);
   const int koc = groups * kOcPerThread;
   acc_t* w_s = reinterpret_cast<acc_t*>(smem_raw);  // [icc][9][koc]
   acc_t* t_s = w_s + icc * 9 * koc;                 // [icc][tile_h + 2][kTileW + 2]
@@ -259,11 +243,10 @@ void launch_conv3x3_direct(const In& in, const at::Tensor& weight, at::Tensor& o
   const ConvPlan p = make_conv_plan(k, H, W, sizeof(acc_t));
   const int64_t blocks = N * p.tiles_per_image;
   TORCH_CHECK(blocks <= INT32_MAX, "rla_ext: too many tiles for one grid (", blocks, ")");
-  conv3x3_direct_kernel<T, acc_t, CL, TRANSPOSE, In>
-      <<<static_cast<unsigned>(blocks), p.threads, p.smem, at::cuda::getCurrentCUDAStream()>>>(
-          in, weight.data_ptr<T>(), out.data_ptr<T>(), static_cast<int>(k), H, W, p.tile_h, p.groups, p.icc,
-          p.tiles_w, p.tiles_per_image);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (blocks == 0) return;  // an empty batch: nothing to compute, and an empty grid is a launch error
+  launch<conv3x3_direct_kernel<T, acc_t, CL, TRANSPOSE, In>>(
+      static_cast<unsigned>(blocks), p.threads, p.smem, in, weight.data_ptr<T>(), out.data_ptr<T>(),
+      static_cast<int>(k), H, W, p.tile_h, p.groups, p.icc, p.tiles_w, p.tiles_per_image);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -277,7 +260,7 @@ struct Geometry {
 Geometry check_common(const at::Tensor& h, const at::Tensor& y, const at::Tensor& out_weight,
                       const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& rec_weight, bool pool,
                       bool cl) {
-  TORCH_CHECK(y.is_cuda(), "y: expected a CUDA tensor");
+  TORCH_CHECK(is_device_tensor(y), "y: expected a CUDA tensor");
   TORCH_CHECK(y.dim() == 4, "y: expected a 4-D tensor, got ", y.sizes());
   check_format("y", y, cl);
   check_act("h", h, y, cl);
@@ -301,6 +284,8 @@ Geometry check_common(const at::Tensor& h, const at::Tensor& y, const at::Tensor
   return g;
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_update_fwd_cuda(
     const at::Tensor& h, const at::Tensor& y, const at::Tensor& out_weight, const at::Tensor& gamma,
     const at::Tensor& beta, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var,
@@ -314,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_update_fwd_cuda(
     check_stat_vector("mean", *mean, g.k, sd, y);
     check_stat_vector("var", *var, g.k, sd, y);
   }
-  const c10::cuda::CUDAGuard guard(y.device());
+  const DeviceGuard guard(y.device());
 
   // t = out_weight @ y per pixel, into the buffer that becomes s.
   at::Tensor s = empty_act(y, g.N, g.k, g.H, g.W, cl);
@@ -336,18 +321,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_update_fwd_cuda(
       PoolAdd<scalar_t, CL, acc_t> pa{s.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), g.k, HW, g.W,
                                       g.Hh * g.Wh, g.Wh, pool};
       if (training) {
-        mean_out = at::empty({g.k}, gamma.options());
-        var_out = at::empty({g.k}, gamma.options());
-        params = at::empty({4, g.k}, gamma.options());
+        mean_out = device_empty({g.k}, gamma.options());
+        var_out = device_empty({g.k}, gamma.options());
+        params = device_empty({4, g.k}, gamma.options());
         StatsEpilogue<acc_t> epi{mean_out.data_ptr<acc_t>(), var_out.data_ptr<acc_t>(), params.data_ptr<acc_t>(),
                                  gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), g.k, eps};
         reduce_channels<CL, WelfordState, acc_t>(pa, epi, g.k, HW, g.N * HW, gamma.options());
       } else {
-        const int64_t total = s.numel();
-        const int threads = 256;
-        pool_add_kernel<scalar_t, CL, acc_t><<<elementwise_blocks(total, threads), threads, 0,
-                                               at::cuda::getCurrentCUDAStream()>>>(pa, total);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_pointwise<CL>(pa, s.numel(), g.k, HW);
         // Returned stats must not alias the inputs (custom-op rule), hence the copies.
         mean_out = mean->clone();
         var_out = var->clone();
@@ -358,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_update_fwd_cuda(
                                              g.k, HW};
         launch_conv3x3_direct<scalar_t, CL, false>(in, rec_weight, out);
       } else {
-        at::Tensor a = at::empty_like(s);
+        at::Tensor a = device_empty_like(s);
         launch_bn_act<scalar_t, CL, ActTanh>(s, a, params);
         out = at::conv2d(a, rec_weight, {}, 1, 1).contiguous(format_of(cl));
       }
@@ -381,22 +362,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::ScalarType sd = stat_dtype_for(y.scalar_type());
   check_stat_vector("mean", mean, g.k, sd, y);
   check_stat_vector("var", var, g.k, sd, y);
-  const c10::cuda::CUDAGuard guard(y.device());
+  const DeviceGuard guard(y.device());
 
   const at::Tensor params = bn_params_from_stats(mean, var, gamma, beta, eps);
-  at::Tensor dgamma = at::empty({g.k}, gamma.options());
-  at::Tensor dbeta = at::empty({g.k}, gamma.options());
+  at::Tensor dgamma = device_empty({g.k}, gamma.options());
+  at::Tensor dbeta = device_empty({g.k}, gamma.options());
   at::Tensor drec, ds, dh;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_layout(cl, [&](auto layout) {
       constexpr bool CL = decltype(layout)::value;
       // a = tanh(bn(s)) recomputed: the weight gradient of the 3x3 conv needs it materialised.
-      at::Tensor a = at::empty_like(s);
+      at::Tensor a = device_empty_like(s);
       launch_bn_act<scalar_t, CL, ActTanh>(s, a, params);
       at::Tensor ga;
       if (g.k <= kMaxDirectK) {
-        ga = at::empty_like(s);
+        ga = device_empty_like(s);
         ConvInPlain<scalar_t, CL, acc_t> in{grad_out.data_ptr<scalar_t>(), g.k, g.H * g.W};
         launch_conv3x3_direct<scalar_t, CL, true>(in, rec_weight, ga);
         drec = std::get<1>(at::convolution_backward(grad_out, a, rec_weight, std::nullopt, {1, 1}, {1, 1}, {1, 1},
@@ -412,10 +393,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         dh = empty_act(h, g.N, g.k, g.Hh, g.Wh, cl);
         const int64_t total = dh.numel();
         const int threads = 256;
-        pool_backward_kernel<scalar_t, CL><<<elementwise_blocks(total, threads), threads, 0,
-                                             at::cuda::getCurrentCUDAStream()>>>(
-            ds.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(), total, g.k, g.H, g.W, g.Hh, g.Wh);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch<pool_backward_kernel<scalar_t, CL>>(elementwise_blocks(total, threads), threads, 0,
+                                                   ds.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(), total, g.k, g.H,
+                                                   g.W, g.Hh, g.Wh);
       } else {
         dh = ds;  // d(s)/d(h) is the identity without pooling; ds is a fresh tensor, so no aliasing
       }
@@ -424,7 +404,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   drec = drec.contiguous();
 
   at::Tensor dy = empty_act(y, g.N, g.C, g.H, g.W, cl);
-  at::Tensor dout_weight = at::empty_like(out_weight);
+  at::Tensor dout_weight = device_empty_like(out_weight);
   if (cl) {
     const at::Tensor ds2 = rows_view(ds);
     at::Tensor dy2 = rows_view(dy);
@@ -439,11 +419,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dh, dy, dout_weight, drec, dgamma, dbeta};
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace rla_ext
-
-TORCH_LIBRARY_IMPL(rla_ext, CUDA, m) {
-  m.impl("rla_update_kernel_fwd", &rla_ext::cuda::rla_update_fwd_cuda);
-  m.impl("rla_update_kernel_bwd", &rla_ext::cuda::rla_update_bwd_cuda);
-}
