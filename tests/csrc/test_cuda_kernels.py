@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import rla_ext
+from kernel_cases import (ALL_DTYPES, CCBA_GRADS, FORMATS, FWD_NAMES, UPDATE_GRADS, ccba_inputs, ccba_kernels,
+                          ccba_reference, check_ccba, check_update, compare, fmt_of, randn, update_inputs,
+                          update_kernels, update_reference)
 from rla_ext import _extension
-from rla_testing import HALF, assert_close
+from rla_testing import HALF
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,11 +23,6 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available() and not _extension.cuda_compiled(),
                        reason="rla_ext._C was built without the CUDA kernels (RLA_EXT_NO_CUDA or no toolkit)"),
 ]
-
-OPS = torch.ops.rla_ext
-EPS = 1e-5
-FORMATS = ("contiguous", "channels_last")
-ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @pytest.fixture(autouse=True)
@@ -38,84 +35,8 @@ def _exact_fp32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def stat_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def fmt_of(name):
-    return torch.channels_last if name == "channels_last" else torch.contiguous_format
-
-
-def randn(gen, *shape, dtype, device="cuda", fmt=torch.contiguous_format, scale=1.0):
-    t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
-    return t.to(dtype).to(device).contiguous(memory_format=fmt)
-
-
-def channel(v):
-    return v.view(1, -1, 1, 1)
-
-
-def bn_composition(pre, gamma, beta, mean, var, act):
-    """BatchNorm (+activation) as plain ops in the stat dtype; batch stats when mean is None."""
-    p = pre.to(gamma.dtype)
-    if mean is None:
-        mean = p.mean((0, 2, 3))
-        var = p.var((0, 2, 3), unbiased=False)
-    bn = (p - channel(mean)) * channel(torch.rsqrt(var + EPS)) * channel(gamma) + channel(beta)
-    return act(bn).to(pre.dtype), mean, var
-
-
-# ------------------------------------------------------------------------------------------ op A
-def ccba_composition(x, h, w, gamma, beta, mean, var, relu):
-    z = F.conv2d(torch.cat((x, h), 1), w[:, :, None, None])
-    out, m, v = bn_composition(z, gamma, beta, mean, var, torch.relu if relu else (lambda t: t))
-    return out, z, m, v
-
-
-def ccba_inputs(n, c, k, co, hw, dtype, fmt, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sd = stat_dtype(dtype)
-    f = fmt_of(fmt)
-    return dict(
-        x=randn(g, n, c, hw, hw, dtype=dtype, fmt=f), h=randn(g, n, k, hw, hw, dtype=dtype, fmt=f),
-        weight=randn(g, co, c + k, dtype=dtype, scale=(c + k) ** -0.5),
-        gamma=1 + randn(g, co, dtype=sd, scale=0.3), beta=randn(g, co, dtype=sd, scale=0.2),
-        mean=randn(g, co, dtype=sd, scale=0.1), var=0.5 + torch.rand(co, generator=g, dtype=torch.float64).to(sd).cuda())
-
-
-def ccba_reference(inp, training, relu, grad_out, dtype):
-    """(out, z, mean, var) and (dx, dh, dweight, dgamma, dbeta) of the composition in `dtype`."""
-    leaves = {k: inp[k].detach().to(dtype if k in ("x", "h", "weight") else stat_dtype(dtype)).requires_grad_(
-        k in ("x", "h", "weight", "gamma", "beta")) for k in ("x", "h", "weight", "gamma", "beta")}
-    mean = None if training else inp["mean"].to(stat_dtype(dtype))
-    var = None if training else inp["var"].to(stat_dtype(dtype))
-    out, z, m, v = ccba_composition(leaves["x"], leaves["h"], leaves["weight"], leaves["gamma"], leaves["beta"],
-                                    mean, var, relu)
-    grads = torch.autograd.grad(out, [leaves[k] for k in ("x", "h", "weight", "gamma", "beta")],
-                                grad_out.to(dtype))
-    return (out.detach(), z.detach(), m.detach(), v.detach()), grads
-
-
-def ccba_kernels(inp, training, relu, grad_out, device="cuda"):
-    t = {k: v.to(device) for k, v in inp.items()}
-    mean, var = (None, None) if training else (t["mean"], t["var"])
-    fwd = OPS.concat_conv_bn_act_kernel_fwd(t["x"], t["h"], t["weight"], t["gamma"], t["beta"], mean, var, EPS, relu)
-    out, z, m, v = fwd
-    bwd = OPS.concat_conv_bn_act_kernel_bwd(grad_out.to(device), t["x"], t["h"], t["weight"], t["gamma"],
-                                            t["beta"], z, m, v, EPS, relu, training)
-    return fwd, bwd
-
-
-FWD_NAMES = ("out", "pre-BN", "mean", "var")
-CCBA_GRADS = ("dx", "dh", "dweight", "dgamma", "dbeta")
-
 # (N, C, k, C_out, H=W): RLA-ResNet-50 block entries (C = block input, C_out = bottleneck width).
 CCBA_SHAPES = [(8, 256, 32, 64, 56), (16, 512, 32, 128, 28), (32, 256, 32, 256, 14), (32, 512, 32, 512, 7)]
-
-
-def compare(got, ref, ref64, dtype, names):
-    for i, name in enumerate(names):
-        assert_close(got[i], ref[i], dtype, name, ref64[i] if ref64 is not None else None)
 
 
 @pytest.mark.parametrize("shape", CCBA_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -124,81 +45,18 @@ def compare(got, ref, ref64, dtype, names):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_ccba_matches_composition(shape, dtype, fmt, training):
     n, c, k, co, hw = shape
-    relu = True
-    inp = ccba_inputs(n, c, k, co, hw, dtype, fmt)
-    gout = randn(torch.Generator().manual_seed(7), n, co, hw, hw, dtype=dtype, fmt=fmt_of(fmt))
-    fwd, bwd = ccba_kernels(inp, training, relu, gout)
-    ref_fwd, ref_bwd = ccba_reference(inp, training, relu, gout, dtype)
-    r64 = ccba_reference(inp, training, relu, gout, torch.float64) if dtype in HALF else (None, None)
-    compare(fwd, ref_fwd, r64[0], dtype, FWD_NAMES)
-    compare(bwd, ref_bwd, r64[1], dtype, CCBA_GRADS)
-    # Activations come back in the input's memory format.
-    for t in (fwd[0], fwd[1], bwd[0], bwd[1]):
-        assert t.is_contiguous(memory_format=fmt_of(fmt))
+    check_ccba(n, c, k, co, hw, dtype, fmt, training, relu=True)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_ccba_no_activation_and_odd_sizes(dtype, fmt):
     # C_out not a multiple of 32 (partial channel blocks), odd spatial size, no ReLU.
-    n, c, k, co, hw = 3, 40, 5, 37, 9
-    inp = ccba_inputs(n, c, k, co, hw, dtype, fmt, seed=3)
-    gout = randn(torch.Generator().manual_seed(8), n, co, hw, hw, dtype=dtype, fmt=fmt_of(fmt))
     for training in (True, False):
-        fwd, bwd = ccba_kernels(inp, training, False, gout)
-        ref_fwd, ref_bwd = ccba_reference(inp, training, False, gout, dtype)
-        r64 = ccba_reference(inp, training, False, gout, torch.float64) if dtype in HALF else (None, None)
-        compare(fwd, ref_fwd, r64[0], dtype, FWD_NAMES)
-        compare(bwd, ref_bwd, r64[1], dtype, CCBA_GRADS)
+        check_ccba(3, 40, 5, 37, 9, dtype, fmt, training, relu=False, seed=3)
 
 
 # ------------------------------------------------------------------------------------------ op B
-def update_composition(h, y, wo, gamma, beta, mean, var, wr, pool):
-    hp = F.avg_pool2d(h, 2, 2) if pool else h
-    s = hp + F.conv2d(y, wo[:, :, None, None])
-    a, m, v = bn_composition(s, gamma, beta, mean, var, torch.tanh)
-    return F.conv2d(a, wr, padding=1), s, m, v
-
-
-def update_inputs(n, c, k, hw, pool, dtype, fmt, seed=0, odd_h=False):
-    g = torch.Generator().manual_seed(seed)
-    sd = stat_dtype(dtype)
-    f = fmt_of(fmt)
-    hh = 2 * hw + (1 if odd_h else 0) if pool else hw
-    return dict(
-        h=randn(g, n, k, hh, hh, dtype=dtype, fmt=f), y=randn(g, n, c, hw, hw, dtype=dtype, fmt=f),
-        out_weight=randn(g, k, c, dtype=dtype, scale=c ** -0.5),
-        gamma=1 + randn(g, k, dtype=sd, scale=0.3), beta=randn(g, k, dtype=sd, scale=0.2),
-        mean=randn(g, k, dtype=sd, scale=0.1), var=0.5 + torch.rand(k, generator=g, dtype=torch.float64).to(sd).cuda(),
-        rec_weight=randn(g, k, k, 3, 3, dtype=dtype, scale=(9 * k) ** -0.5))
-
-
-UPDATE_DIFF = ("h", "y", "out_weight", "rec_weight", "gamma", "beta")
-UPDATE_GRADS = ("dh", "dy", "dout_weight", "drec_weight", "dgamma", "dbeta")
-
-
-def update_reference(inp, pool, training, grad_out, dtype):
-    sd = stat_dtype(dtype)
-    leaves = {k: inp[k].detach().to(sd if k in ("gamma", "beta") else dtype).requires_grad_() for k in UPDATE_DIFF}
-    mean = None if training else inp["mean"].to(sd)
-    var = None if training else inp["var"].to(sd)
-    out, s, m, v = update_composition(leaves["h"], leaves["y"], leaves["out_weight"], leaves["gamma"],
-                                      leaves["beta"], mean, var, leaves["rec_weight"], pool)
-    grads = torch.autograd.grad(out, [leaves[k] for k in UPDATE_DIFF], grad_out.to(dtype))
-    return (out.detach(), s.detach(), m.detach(), v.detach()), grads
-
-
-def update_kernels(inp, pool, training, grad_out, device="cuda"):
-    t = {k: v.to(device) for k, v in inp.items()}
-    mean, var = (None, None) if training else (t["mean"], t["var"])
-    fwd = OPS.rla_update_kernel_fwd(t["h"], t["y"], t["out_weight"], t["gamma"], t["beta"], mean, var,
-                                    t["rec_weight"], pool, EPS)
-    out, s, m, v = fwd
-    bwd = OPS.rla_update_kernel_bwd(grad_out.to(device), t["h"], t["y"], t["out_weight"], t["gamma"], t["beta"],
-                                    t["rec_weight"], s, m, v, pool, EPS, training)
-    return fwd, bwd
-
-
 # (N, C, k, H=W of y, pool): the RLA updates of RLA-ResNet-50 (pool where the stage downsamples).
 UPDATE_SHAPES = [(8, 256, 32, 56, False), (16, 512, 32, 28, True), (32, 512, 32, 14, True),
                  (32, 512, 32, 7, True), (16, 256, 32, 7, False)]
@@ -210,15 +68,7 @@ UPDATE_SHAPES = [(8, 256, 32, 56, False), (16, 512, 32, 28, True), (32, 512, 32,
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_update_matches_composition(shape, dtype, fmt, training):
     n, c, k, hw, pool = shape
-    inp = update_inputs(n, c, k, hw, pool, dtype, fmt)
-    gout = randn(torch.Generator().manual_seed(7), n, k, hw, hw, dtype=dtype, fmt=fmt_of(fmt))
-    fwd, bwd = update_kernels(inp, pool, training, gout)
-    ref_fwd, ref_bwd = update_reference(inp, pool, training, gout, dtype)
-    r64 = update_reference(inp, pool, training, gout, torch.float64) if dtype in HALF else (None, None)
-    compare(fwd, ref_fwd, r64[0], dtype, FWD_NAMES)
-    compare(bwd, ref_bwd, r64[1], dtype, UPDATE_GRADS)
-    for t in (fwd[0], fwd[1], bwd[0], bwd[1]):
-        assert t.is_contiguous(memory_format=fmt_of(fmt))
+    check_update(n, c, k, hw, pool, dtype, fmt, training)
 
 
 # k not a multiple of the 8 output channels a thread owns, k at the direct kernel's limit (64), k above
@@ -227,19 +77,8 @@ def test_update_matches_composition(shape, dtype, fmt, training):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_update_k_and_pool_edges(k, pool, odd_h, dtype, fmt):
-    n, c, hw = 4, 48, 11
-    inp = update_inputs(n, c, k, hw, pool, dtype, fmt, seed=5, odd_h=odd_h)
-    gout = randn(torch.Generator().manual_seed(9), n, k, hw, hw, dtype=dtype, fmt=fmt_of(fmt))
     for training in (True, False):
-        fwd, bwd = update_kernels(inp, pool, training, gout)
-        ref_fwd, ref_bwd = update_reference(inp, pool, training, gout, dtype)
-        r64 = update_reference(inp, pool, training, gout, torch.float64) if dtype in HALF else (None, None)
-        compare(fwd, ref_fwd, r64[0], dtype, FWD_NAMES)
-        compare(bwd, ref_bwd, r64[1], dtype, UPDATE_GRADS)
-    if pool and odd_h:
-        # Floor mode: the last row/column of h never reaches the output, so its gradient is exactly zero.
-        dh = bwd[0]
-        assert torch.all(dh[:, :, -1, :] == 0) and torch.all(dh[:, :, :, -1] == 0)
+        check_update(4, 48, k, 11, pool, dtype, fmt, training, odd_h=odd_h, seed=5)
 
 
 # ------------------------------------------------------------------------------------ CUDA vs CPU

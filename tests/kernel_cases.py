@@ -1,0 +1,213 @@
+"""Kernel-level cases of the CUDA kernels (csrc/cuda/): plain-PyTorch compositions of the four kernel
+functions, input builders and comparisons.
+
+Shared by tests/csrc/test_cuda_kernels.py (the real kernels, through torch.ops.rla_ext on a GPU) and
+tests/csrc/emulate/ (the same sources under the CPU emulator, on CPU tensors). A kernel set is any four
+callables with the kernel op signatures (csrc/ops.cpp); the references run in the inputs' dtype and, for
+half dtypes, in float64 too (tolerances: rla_testing.assert_close).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from rla_testing import HALF, assert_close
+
+EPS = 1e-5
+FORMATS = ("contiguous", "channels_last")
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FWD_NAMES = ("out", "pre-BN", "mean", "var")
+CCBA_GRADS = ("dx", "dh", "dweight", "dgamma", "dbeta")
+UPDATE_DIFF = ("h", "y", "out_weight", "rec_weight", "gamma", "beta")
+UPDATE_GRADS = ("dh", "dy", "dout_weight", "drec_weight", "dgamma", "dbeta")
+
+
+class Kernels(NamedTuple):
+    ccba_fwd: Callable
+    ccba_bwd: Callable
+    update_fwd: Callable
+    update_bwd: Callable
+
+
+def dispatcher_kernels() -> Kernels:
+    """The registered kernels; the dispatcher picks the CUDA (or CPU) one from the tensors' device."""
+    ops = torch.ops.rla_ext
+    return Kernels(ops.concat_conv_bn_act_kernel_fwd, ops.concat_conv_bn_act_kernel_bwd, ops.rla_update_kernel_fwd,
+                   ops.rla_update_kernel_bwd)
+
+
+def module_kernels(mod) -> Kernels:
+    """The kernels of a module with functions named like those of csrc/cuda/emulate/module.cpp."""
+    return Kernels(mod.concat_conv_bn_act_fwd, mod.concat_conv_bn_act_bwd, mod.rla_update_fwd, mod.rla_update_bwd)
+
+
+def stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fmt_of(name):
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
+def size2(hw) -> tuple[int, int]:
+    return (hw, hw) if isinstance(hw, int) else tuple(hw)
+
+
+def randn(gen, *shape, dtype, device="cuda", fmt=torch.contiguous_format, scale=1.0):
+    t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+    return t.to(dtype).to(device).contiguous(memory_format=fmt)
+
+
+def channel(v):
+    return v.view(1, -1, 1, 1)
+
+
+def bn_composition(pre, gamma, beta, mean, var, act):
+    """BatchNorm (+activation) as plain ops in the stat dtype; batch stats when mean is None."""
+    p = pre.to(gamma.dtype)
+    if mean is None:
+        mean = p.mean((0, 2, 3))
+        var = p.var((0, 2, 3), unbiased=False)
+    bn = (p - channel(mean)) * channel(torch.rsqrt(var + EPS)) * channel(gamma) + channel(beta)
+    return act(bn).to(pre.dtype), mean, var
+
+
+def compare(got, ref, ref64, dtype, names):
+    for i, name in enumerate(names):
+        assert_close(got[i], ref[i], dtype, name, ref64[i] if ref64 is not None else None)
+
+
+# ------------------------------------------------------------------------------------------ op A
+def ccba_composition(x, h, w, gamma, beta, mean, var, relu):
+    z = F.conv2d(torch.cat((x, h), 1), w[:, :, None, None])
+    out, m, v = bn_composition(z, gamma, beta, mean, var, torch.relu if relu else (lambda t: t))
+    return out, z, m, v
+
+
+def ccba_inputs(n, c, k, co, hw, dtype, fmt, seed=0, device="cuda"):
+    g = torch.Generator().manual_seed(seed)
+    sd = stat_dtype(dtype)
+    f = fmt_of(fmt)
+    H, W = size2(hw)
+    return dict(
+        x=randn(g, n, c, H, W, dtype=dtype, device=device, fmt=f),
+        h=randn(g, n, k, H, W, dtype=dtype, device=device, fmt=f),
+        weight=randn(g, co, c + k, dtype=dtype, device=device, scale=(c + k) ** -0.5),
+        gamma=1 + randn(g, co, dtype=sd, device=device, scale=0.3),
+        beta=randn(g, co, dtype=sd, device=device, scale=0.2),
+        mean=randn(g, co, dtype=sd, device=device, scale=0.1),
+        var=(0.5 + torch.rand(co, generator=g, dtype=torch.float64)).to(sd).to(device))
+
+
+def ccba_reference(inp, training, relu, grad_out, dtype):
+    """(out, z, mean, var) and (dx, dh, dweight, dgamma, dbeta) of the composition in `dtype`."""
+    leaves = {k: inp[k].detach().to(dtype if k in ("x", "h", "weight") else stat_dtype(dtype)).requires_grad_(
+        k in ("x", "h", "weight", "gamma", "beta")) for k in ("x", "h", "weight", "gamma", "beta")}
+    mean = None if training else inp["mean"].to(stat_dtype(dtype))
+    var = None if training else inp["var"].to(stat_dtype(dtype))
+    out, z, m, v = ccba_composition(leaves["x"], leaves["h"], leaves["weight"], leaves["gamma"], leaves["beta"],
+                                    mean, var, relu)
+    grads = torch.autograd.grad(out, [leaves[k] for k in ("x", "h", "weight", "gamma", "beta")],
+                                grad_out.to(dtype), allow_unused=True)
+    grads = tuple(torch.zeros_like(leaves[k]) if gr is None else gr
+                  for k, gr in zip(("x", "h", "weight", "gamma", "beta"), grads))
+    return (out.detach(), z.detach(), m.detach(), v.detach()), grads
+
+
+def ccba_kernels(inp, training, relu, grad_out, device="cuda", kernels: Kernels | None = None):
+    ks = kernels or dispatcher_kernels()
+    t = {k: v.to(device) for k, v in inp.items()}
+    mean, var = (None, None) if training else (t["mean"], t["var"])
+    fwd = ks.ccba_fwd(t["x"], t["h"], t["weight"], t["gamma"], t["beta"], mean, var, EPS, relu)
+    out, z, m, v = fwd
+    bwd = ks.ccba_bwd(grad_out.to(device), t["x"], t["h"], t["weight"], t["gamma"], t["beta"], z, m, v, EPS, relu,
+                      training)
+    return fwd, bwd
+
+
+# ------------------------------------------------------------------------------------------ op B
+def update_composition(h, y, wo, gamma, beta, mean, var, wr, pool):
+    hp = F.avg_pool2d(h, 2, 2) if pool else h
+    s = hp + F.conv2d(y, wo[:, :, None, None])
+    a, m, v = bn_composition(s, gamma, beta, mean, var, torch.tanh)
+    return F.conv2d(a, wr, padding=1), s, m, v
+
+
+def update_inputs(n, c, k, hw, pool, dtype, fmt, seed=0, odd_h=False, device="cuda"):
+    g = torch.Generator().manual_seed(seed)
+    sd = stat_dtype(dtype)
+    f = fmt_of(fmt)
+    H, W = size2(hw)
+    hh, hw_ = (2 * H + (1 if odd_h else 0), 2 * W + (1 if odd_h else 0)) if pool else (H, W)
+    return dict(
+        h=randn(g, n, k, hh, hw_, dtype=dtype, device=device, fmt=f),
+        y=randn(g, n, c, H, W, dtype=dtype, device=device, fmt=f),
+        out_weight=randn(g, k, c, dtype=dtype, device=device, scale=c ** -0.5),
+        gamma=1 + randn(g, k, dtype=sd, device=device, scale=0.3),
+        beta=randn(g, k, dtype=sd, device=device, scale=0.2),
+        mean=randn(g, k, dtype=sd, device=device, scale=0.1),
+        var=(0.5 + torch.rand(k, generator=g, dtype=torch.float64)).to(sd).to(device),
+        rec_weight=randn(g, k, k, 3, 3, dtype=dtype, device=device, scale=(9 * k) ** -0.5))
+
+
+def update_reference(inp, pool, training, grad_out, dtype):
+    sd = stat_dtype(dtype)
+    leaves = {k: inp[k].detach().to(sd if k in ("gamma", "beta") else dtype).requires_grad_() for k in UPDATE_DIFF}
+    mean = None if training else inp["mean"].to(sd)
+    var = None if training else inp["var"].to(sd)
+    out, s, m, v = update_composition(leaves["h"], leaves["y"], leaves["out_weight"], leaves["gamma"],
+                                      leaves["beta"], mean, var, leaves["rec_weight"], pool)
+    grads = torch.autograd.grad(out, [leaves[k] for k in UPDATE_DIFF], grad_out.to(dtype), allow_unused=True)
+    grads = tuple(torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(UPDATE_DIFF, grads))
+    return (out.detach(), s.detach(), m.detach(), v.detach()), grads
+
+
+def update_kernels(inp, pool, training, grad_out, device="cuda", kernels: Kernels | None = None):
+    ks = kernels or dispatcher_kernels()
+    t = {k: v.to(device) for k, v in inp.items()}
+    mean, var = (None, None) if training else (t["mean"], t["var"])
+    fwd = ks.update_fwd(t["h"], t["y"], t["out_weight"], t["gamma"], t["beta"], mean, var, t["rec_weight"], pool, EPS)
+    out, s, m, v = fwd
+    bwd = ks.update_bwd(grad_out.to(device), t["h"], t["y"], t["out_weight"], t["gamma"], t["beta"],
+                        t["rec_weight"], s, m, v, pool, EPS, training)
+    return fwd, bwd
+
+
+# ---------------------------------------------------------------------------------- whole cases
+def check_ccba(n, c, k, co, hw, dtype, fmt, training, relu, device="cuda", kernels: Kernels | None = None,
+               seed=0):
+    """One op A case, forward and backward, against the composition; returns the kernels' results."""
+    H, W = size2(hw)
+    inp = ccba_inputs(n, c, k, co, (H, W), dtype, fmt, seed=seed, device=device)
+    gout = randn(torch.Generator().manual_seed(seed + 7), n, co, H, W, dtype=dtype, device=device, fmt=fmt_of(fmt))
+    fwd, bwd = ccba_kernels(inp, training, relu, gout, device, kernels)
+    ref_fwd, ref_bwd = ccba_reference(inp, training, relu, gout, dtype)
+    r64 = ccba_reference(inp, training, relu, gout, torch.float64) if dtype in HALF else (None, None)
+    compare(fwd, ref_fwd, r64[0], dtype, FWD_NAMES)
+    compare(bwd, ref_bwd, r64[1], dtype, CCBA_GRADS)
+    # Activations come back in the input's memory format.
+    for t in (fwd[0], fwd[1], bwd[0], bwd[1]):
+        assert t.is_contiguous(memory_format=fmt_of(fmt)), "an activation lost the input's memory format"
+    return fwd, bwd
+
+
+def check_update(n, c, k, hw, pool, dtype, fmt, training, odd_h=False, device="cuda",
+                 kernels: Kernels | None = None, seed=0):
+    """One op B case, forward and backward, against the composition; returns the kernels' results."""
+    H, W = size2(hw)
+    inp = update_inputs(n, c, k, (H, W), pool, dtype, fmt, seed=seed, odd_h=odd_h, device=device)
+    gout = randn(torch.Generator().manual_seed(seed + 7), n, k, H, W, dtype=dtype, device=device, fmt=fmt_of(fmt))
+    fwd, bwd = update_kernels(inp, pool, training, gout, device, kernels)
+    ref_fwd, ref_bwd = update_reference(inp, pool, training, gout, dtype)
+    r64 = update_reference(inp, pool, training, gout, torch.float64) if dtype in HALF else (None, None)
+    compare(fwd, ref_fwd, r64[0], dtype, FWD_NAMES)
+    compare(bwd, ref_bwd, r64[1], dtype, UPDATE_GRADS)
+    for t in (fwd[0], fwd[1], bwd[0], bwd[1]):
+        assert t.is_contiguous(memory_format=fmt_of(fmt)), "an activation lost the input's memory format"
+    if pool and odd_h:
+        # Floor mode: the last row/column of h never reaches the output, so its gradient is exactly zero.
+        dh = bwd[0]
+        assert torch.all(dh[:, :, -1, :] == 0) and torch.all(dh[:, :, :, -1] == 0)
+    return fwd, bwd
