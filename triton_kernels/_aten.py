@@ -55,7 +55,8 @@ def concat_conv_bn_act_backward(grad_out, x, h, weight, gamma, beta, z, mean, va
     g = grad_out
     if relu:
         pre = (z - _ch(mean)) * _ch(gamma * torch.rsqrt(var + eps)) + _ch(beta)
-        g = torch.where(pre > 0, g, torch.zeros_like(g))
+        # torch.relu's backward: zero where the output is <= 0, so a NaN output passes the gradient.
+        g = torch.where(pre <= 0, torch.zeros_like(g), g)
     dz, dgamma, dbeta = _bn_grad(g, z, mean, var, gamma, eps, training)
     fmt = _fmt(x)
     dx = F.conv2d(dz, weight[:, :c].t()[:, :, None, None]).contiguous(memory_format=fmt)

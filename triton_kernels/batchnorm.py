@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import STAT_ROWS, STAT_TILE, stat_dtype
+from .common import FINALIZE_BLOCK_C, STAT_ROWS, STAT_TILE, stat_dtype
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def finalize_stats(part_mean: torch.Tensor, part_m2: torch.Tensor, rows: int) ->
     p, c = part_mean.shape
     mean = torch.empty(c, dtype=part_mean.dtype, device=part_mean.device)
     var = torch.empty_like(mean)
-    block_c = min(triton.next_power_of_2(c), 64)
+    block_c = min(triton.next_power_of_2(c), FINALIZE_BLOCK_C)
     _finalize_stats_kernel[(triton.cdiv(c, block_c),)](part_mean, part_m2, mean, var, p, rows, c,
                                                       ROWS=STAT_ROWS, TILE=STAT_TILE, BLOCK_C=block_c)
     return mean, var
@@ -110,7 +110,7 @@ def finalize_sums(part_g: torch.Tensor, part_gx: torch.Tensor) -> tuple[torch.Te
     p, c = part_g.shape
     dbeta = torch.empty(c, dtype=part_g.dtype, device=part_g.device)
     dgamma = torch.empty_like(dbeta)
-    block_c = min(triton.next_power_of_2(c), 64)
+    block_c = min(triton.next_power_of_2(c), FINALIZE_BLOCK_C)
     _finalize_sums_kernel[(triton.cdiv(c, block_c),)](part_g, part_gx, dbeta, dgamma, p, c,
                                                      TILE=STAT_TILE, BLOCK_C=block_c)
     return dbeta, dgamma
@@ -119,6 +119,39 @@ def finalize_sums(part_g: torch.Tensor, part_gx: torch.Tensor) -> tuple[torch.Te
 @triton.jit
 def channel_rstd(var, ch, ch_mask, eps):
     return 1.0 / tl.sqrt(tl.load(var + ch, mask=ch_mask, other=1.0) + eps)
+
+
+@triton.jit
+def bn_affine(xhat, gm, bt):
+    """gamma * xhat + beta as one fused multiply-add: the forward and every backward pass that
+    recomputes the BN output get the same bits (a compiler may contract `a * b + c` differently)."""
+    xhat, gm = tl.broadcast(xhat, gm)
+    xhat, bt = tl.broadcast(xhat, bt)
+    return tl.fma(xhat, gm, bt)
+
+
+@triton.jit
+def relu_keep(y):
+    """The ReLU mask: True where relu(y) is y, i.e. y > 0 or y is NaN. torch.relu keeps NaN
+    (`tl.maximum(y, 0.0)` drops it on a GPU) and its backward passes the gradient wherever the
+    output is not <= 0, NaN included."""
+    return (y > 0) | (y != y)
+
+
+@triton.jit
+def bn_act(xhat, gm, bt, RELU: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """The forward's output act(gamma * xhat + beta) of a tile, rounded to OUT_DTYPE."""
+    y = bn_affine(xhat, gm, bt).to(OUT_DTYPE)
+    if RELU:
+        y = tl.where(relu_keep(y), y, 0.0).to(OUT_DTYPE)
+    return y
+
+
+@triton.jit
+def bn_relu_mask(xhat, gm, bt, OUT_DTYPE: tl.constexpr):
+    """Where the backward keeps the gradient: the mask of the value `bn_act` rounded and stored, so
+    a BN output that rounds to 0 in the activation dtype is masked as the forward stored a 0."""
+    return relu_keep(bn_affine(xhat, gm, bt).to(OUT_DTYPE))
 
 
 @triton.jit
@@ -137,7 +170,7 @@ def load_dz(src_ptrs, z_ptrs, mask, ch, ch_mask, mean, var, gamma, beta, dbeta, 
     xhat = (z - mu[None, :]) * rstd[None, :]
     if RELU:
         bt = tl.load(beta + ch, mask=ch_mask, other=0.0)
-        g = tl.where(gm[None, :] * xhat + bt[None, :] > 0, g, 0.0)
+        g = tl.where(bn_relu_mask(xhat, gm[None, :], bt[None, :], src_ptrs.dtype.element_ty), g, 0.0)
     if TRAINING:
         db = tl.load(dbeta + ch, mask=ch_mask, other=0.0) * inv_count
         dg = tl.load(dgamma + ch, mask=ch_mask, other=0.0) * inv_count

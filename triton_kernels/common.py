@@ -21,8 +21,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # fixed (never autotuned) so the number of partials, the order in which they are combined, and
 # hence the statistics, are bit-identical whatever configuration the autotuner picks.
 STAT_ROWS = 16 if INTERPRET else 64
-# Partials are combined STAT_TILE at a time (in closed form), tiles in sequence.
-STAT_TILE = 16 if INTERPRET else 256
+# Partials are combined STAT_TILE at a time (in closed form), tiles in sequence, by programs that
+# each own FINALIZE_BLOCK_C channels. A (STAT_TILE x FINALIZE_BLOCK_C) tile of 256 x 64 made the
+# finalize kernel spill ~8 KB of registers on sm_90; 64 x 32 (16 values per thread and array at
+# 4 warps) spills nothing and gives twice as many programs.
+STAT_TILE = 16 if INTERPRET else 64
+FINALIZE_BLOCK_C = 32
 # Split-M weight-gradient chunks are a multiple of this many rows (a multiple of every BLOCK_M).
 SPLIT_GRAIN = 16 if INTERPRET else 256
 
@@ -31,9 +35,26 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def matmul_allows_tf32() -> bool:
+    """Whether PyTorch lets float32 matmuls use TF32, read through the API that was used to set it.
+
+    Since torch 2.9 the setting is `torch.backends.cuda.matmul.fp32_precision` ("tf32", "ieee", or
+    "none" = inherit `torch.backends.fp32_precision`). Reading the legacy `allow_tf32` flag (or
+    `torch.get_float32_matmul_precision()`) raises RuntimeError once the new API has set anything,
+    whereas a value set through the legacy API shows up in the new one, so the new API is read first.
+    """
+    m = torch.backends.cuda.matmul
+    new = getattr(m, "fp32_precision", None)
+    if new is None:  # torch without the fp32_precision API
+        return bool(m.allow_tf32)
+    if new == "none":
+        new = getattr(torch.backends, "fp32_precision", "none")
+    return new == "tf32"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: TF32 only for float32 and only where PyTorch's matmul allows it."""
-    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not INTERPRET and matmul_allows_tf32():
         return "tf32"
     return "ieee"
 
@@ -48,7 +69,8 @@ def configs(tiles: list[tuple[int, ...]], *, fixed_m: int | None = None) -> list
     """Autotune configurations from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuples.
 
     Under the interpreter one small configuration keeps tests fast (and autotuning would only time
-    the interpreter). With `fixed_m` every configuration uses that BLOCK_M (see STAT_ROWS).
+    the interpreter). With `fixed_m` every configuration uses that BLOCK_M (see STAT_ROWS). The
+    first tile is the pinned default (see Autotuned).
     """
     if INTERPRET:
         tiles = [(16, 16, 16, 1, 1)]
@@ -65,11 +87,104 @@ def configs(tiles: list[tuple[int, ...]], *, fixed_m: int | None = None) -> list
     return out
 
 
+def bucket(n: int) -> int:
+    """Autotuning bucket of a size that varies with batch and resolution: the next power of two.
+    RLA-ResNet's pixel counts (N*H*W) then fall into ~20 buckets instead of one per batch size."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def deterministic() -> bool:
+    return torch.are_deterministic_algorithms_enabled()
+
+
+class Autotuned:
+    """A Triton kernel launched with one of several configurations, picked per key.
+
+    * The key is the named arguments' values, those in `bucketed` rounded up to a power of two
+      (`bucket`), plus the tensor arguments' dtypes: a new batch or spatial size reuses the choice
+      made for its bucket instead of timing every configuration again.
+    * Under ``torch.use_deterministic_algorithms(True)`` nothing is timed and the first
+      configuration always runs: the reduction split (BLOCK_K) and hence the summation order, and
+      the results, are the same bits in every run and every process.
+    * Otherwise the first launch of each key times every configuration on the real arguments (the
+      kernels only write their outputs, so repeating a launch is harmless); a configuration that
+      does not fit the GPU (out of shared memory or registers) is skipped.
+
+    ``kernel[grid](*args, **kwargs)`` launches like a Triton kernel; `configs` lists every
+    configuration (scripts/triton_aot.py compiles all of them for sm_90).
+    """
+
+    def __init__(self, fn, configs: list[triton.Config], key: list[str], bucketed: tuple[str, ...] = ()):
+        self.fn = fn
+        self.configs = configs
+        self.key = key
+        self.bucketed = bucketed
+        self.cache: dict[tuple, triton.Config] = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(grid, *args, **kwargs)
+
+    def run(self, grid, *args, **kwargs):
+        return self.launch(self.pick(grid, args, kwargs), grid, args, kwargs)
+
+    def launch(self, config: triton.Config, grid, args, kwargs):
+        return self.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+    def key_of(self, args, kwargs) -> tuple:
+        named = dict(zip(self.fn.arg_names, args))
+        named.update(kwargs)
+        key = tuple(bucket(named[k]) if k in self.bucketed else named[k] for k in self.key)
+        dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+        return key + dtypes
+
+    def pick(self, grid, args, kwargs) -> triton.Config:
+        if len(self.configs) == 1 or deterministic():
+            return self.configs[0]
+        key = self.key_of(args, kwargs)
+        best = self.cache.get(key)
+        if best is None:
+            best = self.cache[key] = self.tune(grid, args, kwargs)
+        return best
+
+    def tune(self, grid, args, kwargs) -> triton.Config:
+        from triton.runtime.errors import OutOfResources
+
+        def timed(config):
+            try:
+                return triton.testing.do_bench(lambda: self.launch(config, grid, args, kwargs), warmup=5,
+                                               rep=20)
+            except OutOfResources:
+                return float("inf")
+
+        times = [timed(c) for c in self.configs]
+        return self.configs[min(range(len(times)), key=times.__getitem__)]
+
+
+def autotune(tiles: list[tuple[int, ...]], key: list[str], *, bucketed: tuple[str, ...] = ("M",),
+             fixed_m: int | None = None):
+    """Decorator: ``@autotune(TILES, key=[...])`` over ``@triton.jit`` (see Autotuned)."""
+    return lambda fn: Autotuned(fn, configs(tiles, fixed_m=fixed_m), key, bucketed)
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). N is often k = 32 (the RLA state), hence narrow tiles.
+# The first entry of each list is the configuration pinned in deterministic mode.
 GEMM_TILES = [
     (128, 64, 32, 4, 4),
     (64, 64, 32, 4, 4), (128, 32, 64, 4, 4),
     (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+]
+# The BN-backward input-gradient GEMM (dz @ W): its A operand is rebuilt from TWO loaded tiles per
+# step (the gradient source and z), so a (128 x 64) A tile with 4 stages needed ~270 KB of shared
+# memory in fp32; BLOCK_K stays at 32 for 128-row tiles.
+DGRAD_TILES = [
+    (128, 64, 32, 4, 4),
+    (64, 64, 32, 4, 4), (128, 32, 32, 4, 4),
+    (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+]
+# GEMMs whose N is the RLA state width k (32 by default): out1x1(y) in op B's forward.
+STATE_GEMM_TILES = [
+    (64, 32, 64, 4, 4),
+    (64, 32, 128, 4, 3), (64, 32, 32, 4, 4), (64, 64, 64, 4, 3),
 ]
 # Weight gradients: (BLOCK_CO, BLOCK_C, BLOCK_M) tiles reducing over pixels.
 WGRAD_TILES = [
@@ -78,13 +193,32 @@ WGRAD_TILES = [
     (64, 128, 32, 8, 3), ]
 
 
+# The 3x3 k -> k convolution (implicit GEMM over pixels x 9 taps x k): BLOCK_N tiles the k output
+# channels, BLOCK_K the k input channels; k = 32 by default, so wider tiles only waste work.
+CONV3X3_TILES = [
+    (64, 32, 32, 4, 3),
+    (64, 32, 32, 4, 4), (64, 64, 32, 4, 3), (64, 32, 16, 4, 4), (64, 64, 64, 8, 3),
+]
+# Its weight gradient: (BLOCK_CO, BLOCK_CI, BLOCK_M pixel rows) per tap.
+WGRAD3X3_TILES = [
+    (32, 32, 64, 4, 3),
+    (32, 32, 128, 4, 3), (32, 32, 32, 4, 4), (64, 64, 64, 4, 3),
+]
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def split_rows(rows: int, tiles: int, device: torch.device) -> tuple[int, int]:
     """(number of splits, rows per split) for a reduction over `rows` pixels shared by `tiles` output
-    tiles: enough programs to fill the GPU, each chunk a multiple of SPLIT_GRAIN rows."""
-    if INTERPRET or device.type != "cuda":
-        want = 2
-    else:
-        want = max(1, (4 * torch.cuda.get_device_properties(device).multi_processor_count) // max(tiles, 1))
+    tiles: enough programs to fill the GPU, each chunk a multiple of SPLIT_GRAIN rows. The split
+    depends on the device only, never on the autotuner's choice."""
+    sms = None if INTERPRET else sm_count(device)
+    want = 2 if sms is None else max(1, (4 * sms) // max(tiles, 1))
     chunk = triton.cdiv(triton.cdiv(rows, want), SPLIT_GRAIN) * SPLIT_GRAIN
     return triton.cdiv(rows, chunk), chunk
 

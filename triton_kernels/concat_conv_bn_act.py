@@ -16,14 +16,14 @@ import triton
 import triton.language as tl
 
 from . import _aten
-from .batchnorm import (channel_rstd, finalize_stats, finalize_sums, new_partials, store_grad_partials,
-                        store_stat_partials)
-from .common import (GEMM_TILES, STAT_ROWS, configs, dot_precision, empty_act, memory_format_of, needs_aten,
+from .batchnorm import (bn_act, bn_relu_mask, channel_rstd, finalize_stats, finalize_sums, new_partials,
+                        store_grad_partials, store_stat_partials)
+from .common import (GEMM_TILES, STAT_ROWS, autotune, dot_precision, empty_act, memory_format_of, needs_aten,
                      pixel_strides, row_offsets)
 from .gemm import BNGrad, dz_dgrad, dz_wgrad
 
 
-@triton.autotune(configs=configs(GEMM_TILES, fixed_m=STAT_ROWS), key=["M", "C", "K", "CO", "TRAINING"])
+@autotune(GEMM_TILES, key=["M", "C", "K", "CO", "TRAINING", "RELU", "PREC"], fixed_m=STAT_ROWS)
 @triton.jit
 def _fwd_kernel(x, h, w, z, out, part_mean, part_m2, mean, var, gamma, beta, M, HW, C, K, CO, eps,
                 x_sn, x_sp, x_sc, h_sn, h_sp, h_sc, z_sn, z_sp, z_sc, o_sn, o_sp, o_sc,
@@ -70,11 +70,8 @@ def _store_bn_act(zs, rows, cols, rmask, cmask, out, mean, var, gamma, beta, HW,
     rstd = channel_rstd(var, cols, cmask, eps)
     gm = tl.load(gamma + cols, mask=cmask, other=0.0)
     bt = tl.load(beta + cols, mask=cmask, other=0.0)
-    y = (zs - mu[None, :]) * (gm * rstd)[None, :] + bt[None, :]
-    if RELU:
-        y = tl.maximum(y, 0.0)
-    tl.store(out + row_offsets(rows, HW, o_sn, o_sp)[:, None] + cols[None, :] * o_sc,
-             y.to(out.dtype.element_ty),
+    y = bn_act((zs - mu[None, :]) * rstd[None, :], gm[None, :], bt[None, :], RELU, out.dtype.element_ty)
+    tl.store(out + row_offsets(rows, HW, o_sn, o_sp)[:, None] + cols[None, :] * o_sc, y,
              mask=rmask[:, None] & cmask[None, :])
 
 
@@ -110,7 +107,7 @@ def _bwd_reduce_kernel(go, z, part_g, part_gx, mean, var, gamma, beta, M, HW, CO
     if RELU:
         gm = tl.load(gamma + cols, mask=cmask, other=0.0)
         bt = tl.load(beta + cols, mask=cmask, other=0.0)
-        g = tl.where(gm[None, :] * xhat + bt[None, :] > 0, g, 0.0)
+        g = tl.where(bn_relu_mask(xhat, gm[None, :], bt[None, :], go.dtype.element_ty), g, 0.0)
     store_grad_partials(g, xhat, valid, cols, cmask, pid_m, part_g, part_gx, CO)
 
 

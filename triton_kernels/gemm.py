@@ -12,14 +12,15 @@ import triton
 import triton.language as tl
 
 from .batchnorm import load_dz
-from .common import GEMM_TILES, WGRAD_TILES, configs, dot_precision, pixel_strides, row_offsets, split_rows
+from .common import DGRAD_TILES, WGRAD_TILES, autotune, dot_precision, pixel_strides, row_offsets, split_rows
 
 
 @triton.jit
-def _dgrad_tile(src, zp, w, out, mean, var, gamma, beta, dbeta, dgamma, pid_m, pid_n, M, HW, CO, WCOLS, col0,
-                ncols, eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, o_sn, o_sp, o_sc,
-                RELU: tl.constexpr, TRAINING: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dgrad_acc(src, zp, w, mean, var, gamma, beta, dbeta, dgamma, pid_m, pid_n, M, HW, CO, WCOLS, col0, ncols,
+               eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc,
+               RELU: tl.constexpr, TRAINING: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dz[rows] @ W[:, col0 + cols] for one tile, in S; cols < ncols."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     s_row = row_offsets(rows, HW, s_sn, s_sp)
@@ -36,12 +37,17 @@ def _dgrad_tile(src, zp, w, out, mean, var, gamma, beta, dbeta, dgamma, pid_m, p
         b = tl.load(w + ch[:, None] * WCOLS + col0 + cols[None, :], mask=chm[:, None] & cmask[None, :],
                     other=0.0)
         acc = tl.dot(dz.to(w.dtype.element_ty), b, acc, input_precision=PREC)
+    return acc, rows, rmask, cols, cmask
+
+
+@triton.jit
+def _store_act_tile(out, acc, rows, rmask, cols, cmask, HW, o_sn, o_sp, o_sc):
     o_row = row_offsets(rows, HW, o_sn, o_sp)
     tl.store(out + o_row[:, None] + cols[None, :] * o_sc, acc.to(out.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
 
-@triton.autotune(configs=configs(GEMM_TILES), key=["M", "CO", "C1", "C2"])
+@autotune(DGRAD_TILES, key=["M", "CO", "C1", "C2", "RELU", "TRAINING", "PREC"])
 @triton.jit
 def _dz_dgrad_kernel(src, zp, w, out1, out2, mean, var, gamma, beta, dbeta, dgamma, M, HW, CO, C1, C2, eps,
                      inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, o1_sn, o1_sp, o1_sc, o2_sn, o2_sp, o2_sc,
@@ -50,14 +56,18 @@ def _dz_dgrad_kernel(src, zp, w, out1, out2, mean, var, gamma, beta, dbeta, dgam
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     nb1 = tl.cdiv(C1, BLOCK_N)
-    if pid_n < nb1:
-        _dgrad_tile(src, zp, w, out1, mean, var, gamma, beta, dbeta, dgamma, pid_m, pid_n, M, HW, CO,
-                    C1 + C2, 0, C1, eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, o1_sn, o1_sp, o1_sc,
-                    RELU, TRAINING, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    seg2 = pid_n >= nb1
+    # ONE pipelined GEMM loop whichever segment this program has; only the store branches. (With the
+    # whole tile inlined in both branches of an `if`, each copy of the loop got its own shared-memory
+    # buffers: 9 configurations needed more than sm_90's 227 KB.)
+    acc, rows, rmask, cols, cmask = _dgrad_acc(
+        src, zp, w, mean, var, gamma, beta, dbeta, dgamma, pid_m, tl.where(seg2, pid_n - nb1, pid_n), M, HW,
+        CO, C1 + C2, tl.where(seg2, C1, 0), tl.where(seg2, C2, C1), eps, inv_count, s_sn, s_sp, s_sc, z_sn,
+        z_sp, z_sc, RELU, TRAINING, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    if seg2:
+        _store_act_tile(out2, acc, rows, rmask, cols, cmask, HW, o2_sn, o2_sp, o2_sc)
     else:
-        _dgrad_tile(src, zp, w, out2, mean, var, gamma, beta, dbeta, dgamma, pid_m, pid_n - nb1, M, HW, CO,
-                    C1 + C2, C1, C2, eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, o2_sn, o2_sp, o2_sc,
-                    RELU, TRAINING, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        _store_act_tile(out1, acc, rows, rmask, cols, cmask, HW, o1_sn, o1_sp, o1_sc)
 
 
 @triton.jit
@@ -89,7 +99,7 @@ def _wgrad_tile(src, zp, act, wpart, mean, var, gamma, beta, dbeta, dgamma, pid_
 
 
 # Config names reused: BLOCK_M tiles CO, BLOCK_N the weight columns, BLOCK_K the pixel rows.
-@triton.autotune(configs=configs(WGRAD_TILES), key=["M", "CO", "C1", "C2"])
+@autotune(WGRAD_TILES, key=["M", "CO", "C1", "C2", "RELU", "TRAINING", "PREC"])
 @triton.jit
 def _dz_wgrad_kernel(src, zp, act1, act2, wpart, mean, var, gamma, beta, dbeta, dgamma, M, HW, CO, C1, C2,
                      rows_per_split, eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, a1_sn, a1_sp, a1_sc,

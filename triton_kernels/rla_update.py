@@ -16,14 +16,14 @@ import triton
 import triton.language as tl
 
 from . import _aten
-from .batchnorm import (channel_rstd, finalize_stats, finalize_sums, load_dz, new_partials,
+from .batchnorm import (bn_affine, channel_rstd, finalize_stats, finalize_sums, load_dz, new_partials,
                         store_grad_partials, store_stat_partials)
-from .common import (GEMM_TILES, STAT_ROWS, WGRAD_TILES, configs, dot_precision, empty_act, memory_format_of,
-                     needs_aten, pixel_strides, row_offsets, split_rows, tanh)
+from .common import (CONV3X3_TILES, STAT_ROWS, STATE_GEMM_TILES, WGRAD3X3_TILES, autotune, dot_precision,
+                     empty_act, memory_format_of, needs_aten, pixel_strides, row_offsets, split_rows, tanh)
 from .gemm import BNGrad, dz_dgrad, dz_wgrad
 
 
-@triton.autotune(configs=configs(GEMM_TILES, fixed_m=STAT_ROWS), key=["M", "C", "K", "POOL", "TRAINING"])
+@autotune(STATE_GEMM_TILES, key=["M", "C", "K", "POOL", "TRAINING", "PREC"], fixed_m=STAT_ROWS)
 @triton.jit
 def _fwd_gemm_kernel(y, w, h, s, part_mean, part_m2, M, HW, Wd, C, K,
                      y_sn, y_sp, y_sc, h_sn, h_sc, h_sh, h_sw, s_sn, s_sp, s_sc,
@@ -74,10 +74,10 @@ def _bn_tanh(v, ch, ch_mask, mean, var, gamma, beta, eps):
     gm = tl.load(gamma + ch, mask=ch_mask, other=0.0)
     bt = tl.load(beta + ch, mask=ch_mask, other=0.0)
     xhat = (v.to(mean.dtype.element_ty) - mu[None, :]) * rstd[None, :]
-    return tanh(gm[None, :] * xhat + bt[None, :]), xhat
+    return tanh(bn_affine(xhat, gm[None, :], bt[None, :])), xhat
 
 
-@triton.autotune(configs=configs(GEMM_TILES, fixed_m=STAT_ROWS), key=["M", "K", "TRANSPOSED"])
+@autotune(CONV3X3_TILES, key=["M", "K", "TRANSPOSED", "PREC"], fixed_m=STAT_ROWS)
 @triton.jit
 def _conv3x3_kernel(src, w, out, s, mean, var, gamma, beta, part_g, part_gx, M, HW, H, Wd, K, eps,
                     i_sn, i_sc, i_sh, i_sw, o_sn, o_sp, o_sc, s_sn, s_sp, s_sc,
@@ -97,33 +97,32 @@ def _conv3x3_kernel(src, w, out, s, mean, var, gamma, beta, part_g, part_gx, M, 
     j = p - i * Wd
     nb = n.to(tl.int64) * i_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=mean.dtype.element_ty)
-    for tap in tl.static_range(9):
+    # The 9 taps x the input-channel blocks as ONE loop, which Triton software-pipelines once (a
+    # static_range(9) around a pipelined loop took 15-90 s per configuration to compile).
+    nk = tl.cdiv(K, BLOCK_K)
+    for it in range(0, 9 * nk):
+        tap = it // nk
+        kk = (it - tap * nk) * BLOCK_K + tl.arange(0, BLOCK_K)
+        du = tap // 3 - 1
+        dv = tap - (tap // 3) * 3 - 1
         if TRANSPOSED:
-            ii = i - (tap // 3 - 1)
-            jj = j - (tap % 3 - 1)
+            ii = i - du
+            jj = j - dv
         else:
-            ii = i + (tap // 3 - 1)
-            jj = j + (tap % 3 - 1)
+            ii = i + du
+            jj = j + dv
         ok = rmask & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < Wd)
-        base = nb + ii * i_sh + jj * i_sw
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            km = kk < K
-            mk = ok[:, None] & km[None, :]
-            a = tl.load(src + base[:, None] + kk[None, :] * i_sc, mask=mk, other=0.0)
-            if TRANSPOSED:
-                b = tl.load(w + kk[:, None] * (K * 9) + cols[None, :] * 9 + tap, mask=km[:,
-                                                                                         None] & cmask[None,
-                                                                                                       :],
-                            other=0.0)
-            else:
-                act, _ = _bn_tanh(a, kk, km, mean, var, gamma, beta, eps)
-                a = tl.where(mk, act, 0.0).to(w.dtype.element_ty)
-                b = tl.load(w + cols[None, :] * (K * 9) + kk[:, None] * 9 + tap, mask=km[:,
-                                                                                         None] & cmask[None,
-                                                                                                       :],
-                            other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
+        km = kk < K
+        mk = ok[:, None] & km[None, :]
+        a = tl.load(src + (nb + ii * i_sh + jj * i_sw)[:, None] + kk[None, :] * i_sc, mask=mk, other=0.0)
+        wm = km[:, None] & cmask[None, :]
+        if TRANSPOSED:
+            b = tl.load(w + kk[:, None] * (K * 9) + cols[None, :] * 9 + tap, mask=wm, other=0.0)
+        else:
+            act, _ = _bn_tanh(a, kk, km, mean, var, gamma, beta, eps)
+            a = tl.where(mk, act, 0.0).to(w.dtype.element_ty)
+            b = tl.load(w + cols[None, :] * (K * 9) + kk[:, None] * 9 + tap, mask=wm, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
     valid = rmask[:, None] & cmask[None, :]
     o_ptrs = out + row_offsets(rows, HW, o_sn, o_sp)[:, None] + cols[None, :] * o_sc
     if TRANSPOSED:
@@ -139,7 +138,7 @@ def _conv3x3_kernel(src, w, out, s, mean, var, gamma, beta, part_g, part_gx, M, 
 
 
 # BLOCK_M tiles the output channels, BLOCK_N the input channels, BLOCK_K the pixel rows.
-@triton.autotune(configs=configs(WGRAD_TILES), key=["M", "K"])
+@autotune(WGRAD3X3_TILES, key=["M", "K", "PREC"])
 @triton.jit
 def _wgrad3x3_kernel(go, s, wpart, mean, var, gamma, beta, M, HW, H, Wd, K, rows_per_split, eps,
                      g_sn, g_sp, g_sc, s_sn, s_sc, s_sh, s_sw, PREC: tl.constexpr,
