@@ -7,6 +7,7 @@ emulated and docs/ARCHITECTURE.md for the rules that keep a kernel emulatable.
 Builds go through torch.utils.cpp_extension.load into a cache folder (ninja rebuilds only what changed):
     RLA_EXT_EMULATE_BUILD_DIR   cache folder (default: build/emulate in the repository)
     RLA_EXT_EMULATE_FULL=1      run the full tier of tests/csrc/emulate (what `make emulate-cuda` does)
+    RLA_EXT_EMULATE_SRC=DIR     emulate the kernel sources in DIR (a modified copy of csrc/cuda/) instead
 
 Also a command line, used by the mutation and sanitizer tests to run a build in its own process:
     python tests/cuda_emulation.py probe [--src DIR] [--variant NAME] [--sanitize]
@@ -59,11 +60,12 @@ def sanitizer_runtime() -> str | None:
     return out if os.path.isabs(out) and os.path.exists(out) else None
 
 
-def load(src: Path = SOURCE_DIR, variant: str = "default", sanitize: bool = False, verbose: bool = False):
+def load(src: Path | None = None, variant: str | None = None, sanitize: bool = False, verbose: bool = False):
     """Build (if needed) and import the emulated kernels from the kernel sources in `src`.
 
-    Each variant has its own cache folder; one process can load several variants. A sanitized build
-    only loads in a process started with the sanitizer runtime preloaded (see `probe_in_subprocess`).
+    `src` defaults to RLA_EXT_EMULATE_SRC, else csrc/cuda/. Each variant has its own cache folder; one
+    process can load several variants. A sanitized build only loads in a process started with the
+    sanitizer runtime preloaded (see `probe_in_subprocess`).
     """
     if compiler() is None:
         raise RuntimeError(no_compiler_reason())
@@ -71,6 +73,10 @@ def load(src: Path = SOURCE_DIR, variant: str = "default", sanitize: bool = Fals
 
     from torch.utils import cpp_extension
 
+    if src is None:
+        src = os.environ.get("RLA_EXT_EMULATE_SRC") or SOURCE_DIR
+        variant = variant or ("default" if Path(src).resolve() == SOURCE_DIR.resolve() else "custom")
+    variant = variant or "default"
     src = Path(src).resolve()
     build = cache_dir() / variant
     build.mkdir(parents=True, exist_ok=True)
@@ -160,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("probe", help="build a kernel source folder and run the probe cases")
-    p.add_argument("--src", type=Path, default=SOURCE_DIR)
-    p.add_argument("--variant", default="default")
+    p.add_argument("--src", type=Path, default=None)
+    p.add_argument("--variant", default=None)
     p.add_argument("--sanitize", action="store_true")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--selftest", help="run this selftest kernel (csrc/cuda/emulate/selftest.cpp) instead")

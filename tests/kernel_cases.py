@@ -51,6 +51,13 @@ def fmt_of(name):
     return torch.channels_last if name == "channels_last" else torch.contiguous_format
 
 
+def kernel_format(primary: torch.Tensor, fmt: str) -> torch.memory_format:
+    """The one memory format of a kernel call's activations (the Python layer's rule): channels_last only
+    when the primary input is channels_last and not also NCHW-contiguous (a 1x1 image is both)."""
+    cl = fmt == "channels_last" and not primary.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 def size2(hw) -> tuple[int, int]:
     return (hw, hw) if isinstance(hw, int) else tuple(hw)
 
@@ -74,9 +81,28 @@ def bn_composition(pre, gamma, beta, mean, var, act):
     return act(bn).to(pre.dtype), mean, var
 
 
+# float32 against the float64 reference: at most twice eager float32's error plus this share of the
+# reference's magnitude. (Element-wise rtol/atol fails on near-zero sums of ~10^3 terms: a weight
+# gradient element of 0.0096 differed by 2.2e-5 between two correct float32 reductions.)
+FP32_ATOL = 1e-5
+
+
+def needs_reference64(dtype) -> bool:
+    return dtype in HALF or dtype == torch.float32
+
+
 def compare(got, ref, ref64, dtype, names):
     for i, name in enumerate(names):
-        assert_close(got[i], ref[i], dtype, name, ref64[i] if ref64 is not None else None)
+        if dtype == torch.float32 and ref64 is not None:
+            assert got[i].shape == ref[i].shape, f"{name}: shape {tuple(got[i].shape)} != {tuple(ref[i].shape)}"
+            r64 = ref64[i].double()
+            err = (got[i].double() - r64).abs().max().item() if r64.numel() else 0.0
+            err_eager = (ref[i].double() - r64).abs().max().item() if r64.numel() else 0.0
+            scale = max(r64.abs().max().item() if r64.numel() else 0.0, 1.0)
+            assert err <= 2 * err_eager + FP32_ATOL * scale, (
+                f"{name}: error {err:.3g} > 2 x eager float32's {err_eager:.3g} + {FP32_ATOL} x {scale:.3g}")
+        else:
+            assert_close(got[i], ref[i], dtype, name, ref64[i] if ref64 is not None else None)
 
 
 # ------------------------------------------------------------------------------------------ op A
@@ -141,9 +167,10 @@ def update_inputs(n, c, k, hw, pool, dtype, fmt, seed=0, odd_h=False, device="cu
     f = fmt_of(fmt)
     H, W = size2(hw)
     hh, hw_ = (2 * H + (1 if odd_h else 0), 2 * W + (1 if odd_h else 0)) if pool else (H, W)
+    h = randn(g, n, k, hh, hw_, dtype=dtype, device=device, fmt=f)
+    y = randn(g, n, c, H, W, dtype=dtype, device=device, fmt=f)
     return dict(
-        h=randn(g, n, k, hh, hw_, dtype=dtype, device=device, fmt=f),
-        y=randn(g, n, c, H, W, dtype=dtype, device=device, fmt=f),
+        h=h.contiguous(memory_format=kernel_format(y, fmt)), y=y,
         out_weight=randn(g, k, c, dtype=dtype, device=device, scale=c ** -0.5),
         gamma=1 + randn(g, k, dtype=sd, device=device, scale=0.3),
         beta=randn(g, k, dtype=sd, device=device, scale=0.2),
@@ -184,12 +211,12 @@ def check_ccba(n, c, k, co, hw, dtype, fmt, training, relu, device="cuda", kerne
     gout = randn(torch.Generator().manual_seed(seed + 7), n, co, H, W, dtype=dtype, device=device, fmt=fmt_of(fmt))
     fwd, bwd = ccba_kernels(inp, training, relu, gout, device, kernels)
     ref_fwd, ref_bwd = ccba_reference(inp, training, relu, gout, dtype)
-    r64 = ccba_reference(inp, training, relu, gout, torch.float64) if dtype in HALF else (None, None)
+    r64 = ccba_reference(inp, training, relu, gout, torch.float64) if needs_reference64(dtype) else (None, None)
     compare(fwd, ref_fwd, r64[0], dtype, FWD_NAMES)
     compare(bwd, ref_bwd, r64[1], dtype, CCBA_GRADS)
     # Activations come back in the input's memory format.
     for t in (fwd[0], fwd[1], bwd[0], bwd[1]):
-        assert t.is_contiguous(memory_format=fmt_of(fmt)), "an activation lost the input's memory format"
+        assert t.is_contiguous(memory_format=kernel_format(inp["x"], fmt)), "an activation lost the input's format"
     return fwd, bwd
 
 
@@ -201,11 +228,11 @@ def check_update(n, c, k, hw, pool, dtype, fmt, training, odd_h=False, device="c
     gout = randn(torch.Generator().manual_seed(seed + 7), n, k, H, W, dtype=dtype, device=device, fmt=fmt_of(fmt))
     fwd, bwd = update_kernels(inp, pool, training, gout, device, kernels)
     ref_fwd, ref_bwd = update_reference(inp, pool, training, gout, dtype)
-    r64 = update_reference(inp, pool, training, gout, torch.float64) if dtype in HALF else (None, None)
+    r64 = update_reference(inp, pool, training, gout, torch.float64) if needs_reference64(dtype) else (None, None)
     compare(fwd, ref_fwd, r64[0], dtype, FWD_NAMES)
     compare(bwd, ref_bwd, r64[1], dtype, UPDATE_GRADS)
     for t in (fwd[0], fwd[1], bwd[0], bwd[1]):
-        assert t.is_contiguous(memory_format=fmt_of(fmt)), "an activation lost the input's memory format"
+        assert t.is_contiguous(memory_format=kernel_format(inp["y"], fmt)), "an activation lost the input's format"
     if pool and odd_h:
         # Floor mode: the last row/column of h never reaches the output, so its gradient is exactly zero.
         dh = bwd[0]
