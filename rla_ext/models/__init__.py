@@ -6,9 +6,11 @@ rla_resnet{20,32,44,56,110} (basic blocks), rla_resnet{29,47,164}_bottleneck, rl
 No-RLA floor: plain_resnet50. Loading: load_published(path_or_state_dict, arch).
 Released aggregation-cell variants: rlagru_resnet{50,101}[_eca], rlalstm_resnet50 (RLAgru_ResNet,
 RLAlstm_ResNet). Released MobileNetV2 variants: {rla,dsrla}_mobilenetv2[_k6|_k12|_k24|_k32][_eca]
-(RLA_MobileNetV2, dsRLA_MobileNetV2).
+(RLA_MobileNetV2, dsRLA_MobileNetV2). Detection: RLA_ResNet (the released backbone, per-stage features),
+rla_resnet_fpn_backbone (under a torchvision FPN, for FasterRCNN / RetinaNet / MaskRCNN).
 """
 from rla_ext.models.checkpoint import CheckpointMismatchError, explain_mismatch, load_published
+from rla_ext.models.detection import RLA_ResNet, RLAResNetFPN, rla_resnet_fpn_backbone
 from rla_ext.models.plain import PlainResNet, plain_resnet50
 from rla_ext.models.rla_resnet import RLAResNet
 from rla_ext.models.rla_recurrent import RLAgru_ResNet, RLAlstm_ResNet
@@ -37,4 +39,5 @@ __all__ = ["RLAResNet", "PlainResNet", "plain_resnet50", "load_published", "expl
            "rla_resnext101_32x4d", "rla_resnext101_32x4d_se", "rla_resnext101_32x4d_eca", "rla_resnet20",
            "rla_resnet32", "rla_resnet44", "rla_resnet56", "rla_resnet110", "rla_resnet29_bottleneck",
            "rla_resnet47_bottleneck", "rla_resnet164_bottleneck", "RLAgru_ResNet", "RLAlstm_ResNet",
-           "RLA_MobileNetV2", "dsRLA_MobileNetV2", *_RELEASED_VARIANTS]
+           "RLA_MobileNetV2", "dsRLA_MobileNetV2", "RLA_ResNet", "RLAResNetFPN", "rla_resnet_fpn_backbone",
+           *_RELEASED_VARIANTS]
