@@ -8,6 +8,8 @@ Released aggregation-cell variants: rlagru_resnet{50,101}[_eca], rlalstm_resnet5
 RLAlstm_ResNet). Released MobileNetV2 variants: {rla,dsrla}_mobilenetv2[_k6|_k12|_k24|_k32][_eca]
 (RLA_MobileNetV2, dsRLA_MobileNetV2). Detection: RLA_ResNet (the released backbone, per-stage features),
 rla_resnet_fpn_backbone (under a torchvision FPN, for FasterRCNN / RetinaNet / MaskRCNN).
+RLA-DenseNet-BC (ours, docs/MODELS.md): rla_densenet{121,161,169,201}, CIFAR rla_densenet_bc{100,190,250},
+rla_densenet_cifar (RLADenseNet).
 """
 from rla_ext.models.checkpoint import CheckpointMismatchError, explain_mismatch, load_published
 from rla_ext.models.detection import RLA_ResNet, RLAResNetFPN, rla_resnet_fpn_backbone
@@ -15,6 +17,7 @@ from rla_ext.models.plain import PlainResNet, plain_resnet50
 from rla_ext.models.rla_resnet import RLAResNet
 from rla_ext.models.rla_recurrent import RLAgru_ResNet, RLAlstm_ResNet
 from rla_ext.models.rla_mobilenetv2 import RLA_MobileNetV2, dsRLA_MobileNetV2
+from rla_ext.models.rla_densenet import RLADenseNet
 from rla_ext.models.zoo import ECA_KERNELS, MODELS, get_model, list_models, rla_resnet_cifar
 from rla_ext.models.zoo import (  # noqa: F401  (registered constructors)
     rla_ecanet50, rla_ecanet101, rla_ecanet152, rla_resnet20, rla_resnet29_bottleneck, rla_resnet32,
@@ -24,7 +27,8 @@ from rla_ext.models.zoo import (  # noqa: F401  (registered constructors)
     rla_senet50, rla_senet101, rla_senet152,
 )
 
-_RELEASED_VARIANTS = [n for n in MODELS if n.startswith(("rlagru_", "rlalstm_", "rla_mobilenetv2", "dsrla_mobilenetv2"))]
+_RELEASED_VARIANTS = [n for n in MODELS if n.startswith(("rlagru_", "rlalstm_", "rla_mobilenetv2", "dsrla_mobilenetv2",
+                                                          "rla_densenet"))]
 globals().update({n: MODELS[n] for n in _RELEASED_VARIANTS})
 
 rla_resnet50_eca = rla_ecanet50
@@ -39,5 +43,5 @@ __all__ = ["RLAResNet", "PlainResNet", "plain_resnet50", "load_published", "expl
            "rla_resnext101_32x4d", "rla_resnext101_32x4d_se", "rla_resnext101_32x4d_eca", "rla_resnet20",
            "rla_resnet32", "rla_resnet44", "rla_resnet56", "rla_resnet110", "rla_resnet29_bottleneck",
            "rla_resnet47_bottleneck", "rla_resnet164_bottleneck", "RLAgru_ResNet", "RLAlstm_ResNet",
-           "RLA_MobileNetV2", "dsRLA_MobileNetV2", "RLA_ResNet", "RLAResNetFPN", "rla_resnet_fpn_backbone",
+           "RLA_MobileNetV2", "dsRLA_MobileNetV2", "RLADenseNet", "RLA_ResNet", "RLAResNetFPN", "rla_resnet_fpn_backbone",
            *_RELEASED_VARIANTS]

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from rla_ext.models.plain import plain_resnet50
+from rla_ext.models.rla_densenet import densenet_constructors
 from rla_ext.models.rla_mobilenetv2 import mobilenetv2_constructors
 from rla_ext.models.rla_recurrent import recurrent_constructors
 from rla_ext.models.rla_resnet import RLAResNet
@@ -91,8 +92,8 @@ for _d in (29, 47, 164):
     _register(f"rla_resnet{_d}_bottleneck", _cifar(_d, bottleneck=True))
 MODELS["rla_resnet_cifar"] = rla_resnet_cifar
 MODELS["plain_resnet50"] = plain_resnet50
-# The released aggregation-cell and MobileNetV2 variants, under the released names.
-for _name, _fn in {**recurrent_constructors(), **mobilenetv2_constructors()}.items():
+# The released aggregation-cell and MobileNetV2 variants, under the released names; RLA-DenseNet (ours).
+for _name, _fn in {**recurrent_constructors(), **mobilenetv2_constructors(), **densenet_constructors()}.items():
     _register(_name, _fn)
 
 
