@@ -56,9 +56,11 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
     if running_mean is None or running_var is None:
         return
     with torch.no_grad():  # a context, not the decorator: its wrapper cost ~10 us per call
-        unbiased = var * (count / (count - 1))
-        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        # Three in-place ops and no temporaries (the unbiasing factor folds into add_'s alpha): these
+        # run on every training call, and on small tensors each op is ~5 us of host time.
+        running_mean.lerp_(mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), momentum)
+        running_var.mul_(1.0 - momentum).add_(var if var.dtype == running_var.dtype else var.to(running_var.dtype),
+                                              alpha=momentum * count / (count - 1))
 
 
 def reduce_grad_dtype(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
