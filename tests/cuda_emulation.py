@@ -26,9 +26,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIR = ROOT / "csrc" / "cuda"
-# Paths under the source folder: the emulator runtime, the Python bindings, and one wrapper per .cu file.
-SOURCES = ("emulate/runtime.cpp", "emulate/module.cpp", "emulate/selftest.cpp",
-           "emulate/concat_conv_bn_act.cpp", "emulate/rla_update.cpp")
+# The emulator itself (always from this repository's csrc/cuda/emulate/) and the kernel translation
+# units (one wrapper per .cu file, taken from the kernel source folder being emulated).
+EMULATOR_SOURCES = ("emulate/runtime.cpp", "emulate/module.cpp", "emulate/selftest.cpp")
+KERNEL_SOURCES = ("emulate/concat_conv_bn_act.cpp", "emulate/rla_update.cpp")
+MODULE_NAME = "rla_ext_cuda_emulated"  # the same in every variant: a fresh variant starts from a copy
+                                       # of the default build and recompiles only the kernels that differ
 SCHEDULES = ("inorder", "shuffled", "threaded")
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
 
@@ -79,6 +82,9 @@ def load(src: Path | None = None, variant: str | None = None, sanitize: bool = F
     variant = variant or "default"
     src = Path(src).resolve()
     build = cache_dir() / variant
+    default_build = cache_dir() / "default"
+    if not sanitize and variant != "default" and not build.exists() and (default_build / "build.ninja").exists():
+        shutil.copytree(default_build, build, ignore=shutil.ignore_patterns("lock"))
     build.mkdir(parents=True, exist_ok=True)
     cflags = ["-O1", "-std=c++20", "-DRLA_EXT_EMULATE_CUDA", "-Wno-unknown-pragmas", "-U_FORTIFY_SOURCE"]
     ldflags = []
@@ -87,7 +93,8 @@ def load(src: Path | None = None, variant: str | None = None, sanitize: bool = F
         ldflags += SANITIZE_FLAGS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no CUDA runtime found" and compiler-ABI notes: not for this build
-        return cpp_extension.load(name=f"rla_ext_cuda_emulated_{variant}", sources=[str(src / s) for s in SOURCES],
+        sources = [str(SOURCE_DIR / f) for f in EMULATOR_SOURCES] + [str(src / f) for f in KERNEL_SOURCES]
+        return cpp_extension.load(name=MODULE_NAME, sources=sources,
                                   extra_cflags=cflags, extra_ldflags=ldflags, build_directory=str(build),
                                   verbose=verbose, with_cuda=False)
 
@@ -97,6 +104,8 @@ def probe_in_subprocess(src: Path, variant: str, sanitize: bool = False, timeout
     """Build `src` as `variant` and run the probe cases in a fresh process (a broken kernel may crash it).
 
     Returns the probe's JSON result plus "returncode" and "output" (the tail of its stdout/stderr)."""
+    if not sanitize and variant != "default":
+        load()  # builds the default variant first, so this one starts from its objects
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     if sanitize:

@@ -71,6 +71,23 @@ __global__ void half_written_kernel(float* out, int n) {
   if (i < n / 2) out[i] = 1.0f;
 }
 
+// The order threads pass a barrier in: slot k of `out` gets the k-th thread to run after it.
+// Fibers never run at the same time, so the plain increment is exact (not for the threaded mode).
+__global__ void arrival_order_kernel(float* out, int* counter) {
+  __syncthreads();
+  const int slot = (*counter)++;
+  out[slot] = static_cast<float>(threadIdx.x);
+}
+
+// Sanitizer cases: undefined behaviour the emulator itself cannot see.
+__global__ void global_overflow_kernel(float* out) { out[threadIdx.x + 1] = 1.0f; }  // one past the end
+
+__global__ void int_overflow_kernel(float* out) {
+  int v = 2147483646;
+  v += static_cast<int>(threadIdx.x);  // signed overflow from thread 2 on
+  out[threadIdx.x] = static_cast<float>(v);
+}
+
 __global__ void noop_kernel(float* out) {
   if (out == nullptr) out[0] = 0.0f;
 }
@@ -90,7 +107,20 @@ at::Tensor run(const std::string& name) {
   }
   at::Tensor out = device_empty({kThreads}, f32);
   float* o = out.data_ptr<float>();
-  if (name == "exit_before_barrier") {
+  if (name == "arrival_order") {
+    at::Tensor counter = at::zeros({1}, at::TensorOptions().dtype(at::kInt));
+    launch<arrival_order_kernel>(1, kThreads, 0, o, counter.data_ptr<int>());
+  } else if (name == "global_overflow" || name == "int_overflow") {
+#if defined(__SANITIZE_ADDRESS__)
+    if (name == "global_overflow") {
+      launch<global_overflow_kernel>(1, kThreads, 0, o);
+    } else {
+      launch<int_overflow_kernel>(1, kThreads, 0, o);
+    }
+#else
+    throw std::invalid_argument("selftest: '" + name + "' runs only in a sanitized build");
+#endif
+  } else if (name == "exit_before_barrier") {
     launch<exit_before_barrier_kernel>(1, kThreads, 0, o);
   } else if (name == "divergent_barrier") {
     launch<divergent_barrier_kernel>(1, kThreads, 0, o);
