@@ -53,7 +53,7 @@ class RLA_ResNet(RLAResNet):  # noqa: N801  (the released class name)
         rla_channel, SE, ECA (kernel size per stage or None), frozen_stages (-1: none), norm_eval,
         style ('pytorch' only), zero_init_last_bn, groups, width_per_group,
         replace_stride_with_dilation (None / all False only), norm_layer (None / nn.BatchNorm2d only).
-    Extra: out_indices (stages to return, 0-based), widths (planes per stage, for small models),
+    Extra: out_indices (stages to return, 0-based; None: all, as released), widths (planes per stage, for small models),
         backend (rla_ext backend of the fused ops).
     Attribute ``out_channels_list``: channels of each returned feature map.
     """
@@ -63,7 +63,7 @@ class RLA_ResNet(RLAResNet):  # noqa: N801  (the released class name)
                  ECA: Sequence[int] | None = None, frozen_stages: int = -1, norm_eval: bool = True,  # noqa: N803
                  style: str = "pytorch", zero_init_last_bn: bool = True, groups: int = 1, width_per_group: int = 64,
                  replace_stride_with_dilation: Sequence[bool] | None = None, norm_layer: type | None = None, *,
-                 out_indices: Sequence[int] = (0, 1, 2, 3), widths: Sequence[int] | None = None,
+                 out_indices: Sequence[int] | None = None, widths: Sequence[int] | None = None,
                  backend: str | None = None) -> None:
         if block not in (None, RLABottleneck):
             raise ValueError("block: only the RLA bottleneck is supported (RLABottleneck / None)")
@@ -78,9 +78,9 @@ class RLA_ResNet(RLAResNet):  # noqa: N801  (the released class name)
                          widths=widths, backend=backend)
         del self.bn2, self.fc  # no classification head, as released
         n = len(self.stages)
-        self.out_indices = tuple(int(i) for i in out_indices)
+        self.out_indices = tuple(range(n)) if out_indices is None else tuple(int(i) for i in out_indices)
         if not self.out_indices or any(not 0 <= i < n for i in self.out_indices):
-            raise ValueError(f"out_indices: expected stage indices in [0, {n}), got {tuple(out_indices)}")
+            raise ValueError(f"out_indices: expected stage indices in [0, {n}), got {self.out_indices}")
         if not -1 <= frozen_stages <= n:
             raise ValueError(f"frozen_stages: expected -1 .. {n}, got {frozen_stages}")
         self.frozen_stages = frozen_stages
