@@ -43,5 +43,6 @@ __all__ = ["RLAResNet", "PlainResNet", "plain_resnet50", "load_published", "expl
            "rla_resnext101_32x4d", "rla_resnext101_32x4d_se", "rla_resnext101_32x4d_eca", "rla_resnet20",
            "rla_resnet32", "rla_resnet44", "rla_resnet56", "rla_resnet110", "rla_resnet29_bottleneck",
            "rla_resnet47_bottleneck", "rla_resnet164_bottleneck", "RLAgru_ResNet", "RLAlstm_ResNet",
-           "RLA_MobileNetV2", "dsRLA_MobileNetV2", "RLADenseNet", "RLA_ResNet", "RLAResNetFPN", "rla_resnet_fpn_backbone",
+           "RLA_MobileNetV2", "dsRLA_MobileNetV2", "RLADenseNet", "RLA_ResNet", "RLAResNetFPN",
+           "rla_resnet_fpn_backbone",
            *_RELEASED_VARIANTS]

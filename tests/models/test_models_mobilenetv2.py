@@ -39,7 +39,8 @@ def test_released_sizes():
 
 
 def test_one_recurrent_conv_shared_by_every_stage():
-    for name, attr, groups in (("rla_mobilenetv2", "recurrent_convs", 1), ("dsrla_mobilenetv2", "recurrent_dsconvs", 32)):
+    for name, attr, groups in (("rla_mobilenetv2", "recurrent_convs", 1),
+                               ("dsrla_mobilenetv2", "recurrent_dsconvs", 32)):
         m = models.get_model(name)
         recs = getattr(m, attr)
         assert len(recs) == 5 and all(r is recs[0] for r in recs) and recs[0].groups == groups
@@ -115,3 +116,17 @@ def test_channels_last():
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     out = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(out, ref(x), **TOL)
+
+
+def test_released_format_checkpoint_loads_strictly():
+    """A checkpoint in the released layout (DataParallel prefixes, the 5 recurrent-conv entries) loads
+    with strict=True through load_published."""
+    torch.manual_seed(8)
+    table = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+    ref = randomize_all_(RefMobileNetV2(table, 1000, 1.0, 32, ds=True), 3)
+    ckpt = {"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}, "epoch": 1}
+    m = models.load_published(ckpt, "dsrla_mobilenetv2_k32")
+    torch.testing.assert_close(m.recurrent_dsconvs[4].weight, ref.recurrent_dsconvs[0].weight)
+    torch.testing.assert_close(m.stage_bns[5][2].running_var, ref.stage_bns[5][2].running_var)
+    with pytest.raises(models.CheckpointMismatchError):
+        models.load_published(ckpt, "rla_mobilenetv2_k32")
