@@ -27,9 +27,9 @@ from rla_ext.models.zoo import (  # noqa: F401  (registered constructors)
     rla_senet50, rla_senet101, rla_senet152,
 )
 
-_RELEASED_VARIANTS = [n for n in MODELS if n.startswith(("rlagru_", "rlalstm_", "rla_mobilenetv2", "dsrla_mobilenetv2",
+_FAMILY_CONSTRUCTORS = [n for n in MODELS if n.startswith(("rlagru_", "rlalstm_", "rla_mobilenetv2", "dsrla_mobilenetv2",
                                                           "rla_densenet"))]
-globals().update({n: MODELS[n] for n in _RELEASED_VARIANTS})
+globals().update({n: MODELS[n] for n in _FAMILY_CONSTRUCTORS})
 
 rla_resnet50_eca = rla_ecanet50
 rla_resnet101_eca = rla_ecanet101
@@ -45,4 +45,4 @@ __all__ = ["RLAResNet", "PlainResNet", "plain_resnet50", "load_published", "expl
            "rla_resnet47_bottleneck", "rla_resnet164_bottleneck", "RLAgru_ResNet", "RLAlstm_ResNet",
            "RLA_MobileNetV2", "dsRLA_MobileNetV2", "RLADenseNet", "RLA_ResNet", "RLAResNetFPN",
            "rla_resnet_fpn_backbone",
-           *_RELEASED_VARIANTS]
+           *_FAMILY_CONSTRUCTORS]
