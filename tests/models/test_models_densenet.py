@@ -11,8 +11,6 @@ from rla_model_testing import backend_params
 from rla_variant_testing import TOL, assert_parity, load_pair, n_params
 from rla_ext import models
 
-pytestmark = pytest.mark.isa_sensitive
-
 # (parameters, state_dict entries) at the defaults (ImageNet: 1000 classes, k = 32; CIFAR: 10, k = 16).
 SIZES = {
     "rla_densenet121": (8_293_160, 1030), "rla_densenet161": (29_240_296, 1370),
@@ -49,6 +47,7 @@ SMALL = {
 }
 
 
+@pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_lower_isa.py
 @pytest.mark.parametrize("backend", backend_params(heavy=True))
 @pytest.mark.parametrize("arch", list(SMALL))
 def test_matches_the_equations(arch, backend):

@@ -12,8 +12,6 @@ from rla_variant_testing import TOL, assert_parity, load_pair, n_params
 from rla_ext import models
 from rla_ext.nn import convert_sync_batchnorm
 
-pytestmark = pytest.mark.isa_sensitive
-
 # Released parameter counts (1000 classes); state_dict: 416 entries, 433 with ECA.
 RELEASED = {
     "rla_mobilenetv2": 3_633_096, "rla_mobilenetv2_eca": 3_633_127,
@@ -65,6 +63,7 @@ def test_released_layout():
 SETTING = [[1, 8, 1, 1], [2, 8, 2, 2], [2, 16, 2, 2], [2, 24, 1, 1], [2, 96, 1, 2]]
 
 
+@pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_lower_isa.py
 @pytest.mark.parametrize("backend", backend_params(heavy=True))
 @pytest.mark.parametrize("ds,eca", [(False, False), (True, True)], ids=["rla", "dsrla_eca"])
 def test_matches_independent_math(ds, eca, backend):

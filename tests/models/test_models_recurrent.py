@@ -10,8 +10,6 @@ from rla_model_testing import backend_params
 from rla_variant_testing import assert_parity, load_pair, n_params
 from rla_ext import models
 
-pytestmark = pytest.mark.isa_sensitive
-
 # Released parameter counts and state_dict sizes (1000 classes, k = 32).
 RELEASED = {
     "rlagru_resnet50": (26_056_104, 444),
@@ -66,6 +64,7 @@ SMALL = {
 }
 
 
+@pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_lower_isa.py
 @pytest.mark.parametrize("backend", backend_params(heavy=True))
 @pytest.mark.parametrize("arch", list(SMALL))
 def test_matches_independent_math(arch, backend):
