@@ -1,6 +1,6 @@
-"""torch.compile(fullgraph=True) and autocast smoke tests for one small configuration of each model
-family added after RLA-ResNet: ConvGRU / ConvLSTM RLA-ResNet, (ds)RLA-MobileNetV2, RLA-DenseNet and
-the detection backbone."""
+"""torch.compile(fullgraph=True), autocast and backend-routing smoke tests for one small configuration
+of each model family added after RLA-ResNet: ConvGRU / ConvLSTM RLA-ResNet, (ds)RLA-MobileNetV2,
+RLA-DenseNet and the detection backbone."""
 from __future__ import annotations
 
 import pytest
@@ -67,3 +67,19 @@ def test_bf16_autocast(name):
     grads = [p.grad for p in m.parameters() if p.requires_grad]
     assert any(g is not None for g in grads)
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads if g is not None)
+
+
+@pytest.mark.parametrize("name", list(BUILD))
+def test_fused_ops_follow_the_model_backend(name):
+    """Every family routes its fused parts through rla_ext.ops: a backend that cannot run on CPU
+    tensors is refused, and the selection in force (None) runs."""
+    import rla_ext
+
+    m = _build(name).eval()
+    x = torch.randn(1, 3, SIZE.get(name, 32), SIZE.get(name, 32))
+    m.set_backend("cuda")
+    with pytest.raises(rla_ext.BackendUnavailableError):
+        m(x)
+    m.set_backend(None)
+    with rla_ext.use_backend("torch"):
+        m(x)
