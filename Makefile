@@ -9,7 +9,7 @@ export MAX_JOBS
 # Deps for the venv; torch 2.14.1 is the CUDA 13.0 build the CUDA sources compile against.
 DEPS := torch==2.14.1 torchvision==0.29.1 "triton>=3.6" ninja pybind11 pytest pytest-benchmark hypothesis numpy matplotlib tqdm scikit-learn setuptools wheel
 
-.PHONY: setup build test bench bench-suite info clean
+.PHONY: setup build test bench bench-suite info clean triton-aot
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ bench: $(STAMP)
 
 bench-suite: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-only
+
+# Every Triton launch compiled for the H100 (sm_90) without a GPU, full tier; `make test` runs the quick one.
+triton-aot: $(STAMP)
+	$(PY) scripts/triton_aot.py --tier full --self-test
 
 info: $(STAMP)
 	$(PY) -m rla_ext.info
