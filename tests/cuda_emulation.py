@@ -16,6 +16,7 @@ prints one JSON line {"built": bool, "failures": [...], "cases": n}.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -54,13 +55,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLA_EXT_EMULATE_BUILD_DIR", ROOT / "build" / "emulate"))
 
 
-def sanitizer_runtime() -> str | None:
-    """libasan of the compiler: it must be preloaded into an uninstrumented Python for a sanitized build."""
+def runtime_library(name: str) -> str | None:
+    """Path of a runtime library of the compiler (libasan.so, libstdc++.so), or None."""
     cxx = compiler()
     if cxx is None:
         return None
-    out = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    out = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
     return out if os.path.isabs(out) and os.path.exists(out) else None
+
+
+def sanitizer_runtime() -> str | None:
+    """libasan of the compiler: it must be preloaded into an uninstrumented Python for a sanitized build."""
+    return runtime_library("libasan.so")
 
 
 def load(src: Path | None = None, variant: str | None = None, sanitize: bool = False, verbose: bool = False):
@@ -100,7 +106,7 @@ def load(src: Path | None = None, variant: str | None = None, sanitize: bool = F
 
 
 def probe_in_subprocess(src: Path, variant: str, sanitize: bool = False, timeout: float = 1800,
-                        extra_env: dict | None = None) -> dict:
+                        extra_env: dict | None = None, args: list[str] | None = None) -> dict:
     """Build `src` as `variant` and run the probe cases in a fresh process (a broken kernel may crash it).
 
     Returns the probe's JSON result plus "returncode" and "output" (the tail of its stdout/stderr)."""
@@ -112,7 +118,8 @@ def probe_in_subprocess(src: Path, variant: str, sanitize: bool = False, timeout
         runtime = sanitizer_runtime()
         if runtime is None:
             raise RuntimeError("the compiler has no libasan.so to preload")
-        env["LD_PRELOAD"] = runtime
+        # libstdc++ too: Python does not link it, and ASan's __cxa_throw interceptor needs it up front.
+        env["LD_PRELOAD"] = " ".join([runtime] + [p for p in [runtime_library("libstdc++.so")] if p])
         # Python and torch are not instrumented: no leak report at exit, no container-overflow
         # annotations across the boundary; every error found in our code aborts with a report.
         env["ASAN_OPTIONS"] = "detect_leaks=0:detect_container_overflow=0:abort_on_error=1"
@@ -121,6 +128,7 @@ def probe_in_subprocess(src: Path, variant: str, sanitize: bool = False, timeout
     cmd = [sys.executable, str(Path(__file__).resolve()), "probe", "--src", str(src), "--variant", variant]
     if sanitize:
         cmd.append("--sanitize")
+    cmd += args or []
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
     result = {"built": False, "failures": [], "cases": 0}
     for line in proc.stdout.splitlines():
@@ -137,35 +145,34 @@ PROBE_CCBA = [(3, 40, 5, 37, (9, 7)), (5, 48, 8, 40, (13, 17))]
 PROBE_UPDATE = [(3, 24, 20, (5, 6), True, True), (2, 16, 64, (9, 7), False, False)]
 
 
-def probe(mod, stop_at_first: bool = True) -> tuple[list[str], int]:
+def probe(mod, stop_at_first: bool = True, schedules=("inorder", "shuffled"),
+          dtypes=("float32",)) -> tuple[list[str], int]:
     """Runs the probe cases on an emulated-kernels module; returns (failure messages, cases run)."""
     import torch
 
     import kernel_cases as kc
 
+    torch.set_num_threads(1)
     kernels = kc.module_kernels(mod)
     failures: list[str] = []
     cases = 0
     try:
-        for schedule in ("inorder", "shuffled"):
+        for schedule, dtype, fmt, training in itertools.product(schedules, dtypes, kc.FORMATS, (True, False)):
             mod.configure(schedule, 0)
-            for fmt in kc.FORMATS:
-                for training in (True, False):
-                    runs = [(f"ccba{shape}", lambda s=shape: kc.check_ccba(
-                        *s, torch.float32, fmt, training, relu=True, device="cpu", kernels=kernels))
-                        for shape in PROBE_CCBA]
-                    runs += [(f"update{case}", lambda c=case: kc.check_update(
-                        *c[:5], torch.float32, fmt, training, odd_h=c[5], device="cpu", kernels=kernels))
-                        for case in PROBE_UPDATE]
-                    for name, run in runs:
-                        cases += 1
-                        try:
-                            run()
-                        except Exception as e:  # noqa: BLE001 - every failure is a finding
-                            failures.append(f"{schedule} {fmt} {'train' if training else 'eval'} {name}: "
-                                            f"{type(e).__name__}: {str(e)[:500]}")
-                            if stop_at_first:
-                                return failures, cases
+            dt = getattr(torch, dtype)
+            runs = [(f"{dtype} ccba{shape}", lambda s=shape: kc.check_ccba(
+                *s, dt, fmt, training, relu=True, device="cpu", kernels=kernels)) for shape in PROBE_CCBA]
+            runs += [(f"{dtype} update{case}", lambda c=case: kc.check_update(
+                *c[:5], dt, fmt, training, odd_h=c[5], device="cpu", kernels=kernels)) for case in PROBE_UPDATE]
+            for name, run in runs:
+                cases += 1
+                try:
+                    run()
+                except Exception as e:  # noqa: BLE001 - every failure is a finding
+                    failures.append(f"{schedule} {fmt} {'train' if training else 'eval'} {name}: "
+                                    f"{type(e).__name__}: {str(e)[:500]}")
+                    if stop_at_first:
+                        return failures, cases
     finally:
         mod.configure("inorder", 0)
     return failures, cases
@@ -181,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--selftest", help="run this selftest kernel (csrc/cuda/emulate/selftest.cpp) instead")
     p.add_argument("--all", action="store_true", help="run every probe case (default: stop at the first failure)")
+    p.add_argument("--schedules", default="inorder,shuffled")
+    p.add_argument("--dtypes", default="float32")
     args = parser.parse_args(argv)
 
     t0 = time.time()
@@ -194,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         out = mod.selftest(args.selftest)
         print(json.dumps({"built": True, "failures": [], "cases": 1, "selftest": out.tolist()}), flush=True)
         return 0
-    failures, cases = probe(mod, stop_at_first=not args.all)
+    failures, cases = probe(mod, stop_at_first=not args.all, schedules=args.schedules.split(","),
+                            dtypes=args.dtypes.split(","))
     print(json.dumps({"built": True, "failures": failures, "cases": cases, "build_s": round(build_s, 1),
                       "run_s": round(time.time() - t0 - build_s, 1)}), flush=True)
     return 1 if failures else 0
