@@ -9,7 +9,7 @@ export MAX_JOBS
 # Deps for the venv; torch 2.14.1 is the CUDA 13.0 build the CUDA sources compile against.
 DEPS := torch==2.14.1 torchvision==0.29.1 "triton>=3.6" ninja pybind11 pytest pytest-benchmark hypothesis numpy matplotlib tqdm scikit-learn setuptools wheel
 
-.PHONY: setup build test bench bench-suite info clean triton-aot
+.PHONY: setup build test bench bench-suite info clean triton-aot emulate-cuda
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ bench-suite: $(STAMP)
 # Every Triton launch compiled for the H100 (sm_90) without a GPU, full tier; `make test` runs the quick one.
 triton-aot: $(STAMP)
 	$(PY) scripts/triton_aot.py --tier full --self-test
+
+# The CUDA kernels under the CPU emulator, full tier (all schedules, all mutants, ASan/UBSan build);
+# `make test` runs the quick one. Builds are cached in build/emulate.
+emulate-cuda: $(STAMP)
+	RLA_EXT_EMULATE_FULL=1 $(PY) -m pytest -q tests/csrc/emulate
 
 info: $(STAMP)
 	$(PY) -m rla_ext.info
