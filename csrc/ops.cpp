@@ -15,6 +15,17 @@ TORCH_LIBRARY_FRAGMENT(rla_ext, m) {
   m.def("rla_update_kernel_bwd(Tensor grad_out, Tensor h, Tensor y, Tensor out_weight, Tensor gamma, "
         "Tensor beta, Tensor rec_weight, Tensor s, Tensor mean, Tensor var, bool pool, float eps, bool training) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The ConvGRU / ConvLSTM aggregation cells (rla_ext/ops/conv_gru_cell.py, conv_lstm_cell.py); CPU only,
+  // other devices run the reference. GRU stats: (N, 3, 2) per-sample (mean, rstd) of the r, u, output norms.
+  m.def("conv_gru_cell_kernel_fwd(Tensor x, Tensor h, Tensor gate_weight, Tensor gate_bias, Tensor output_weight, "
+        "Tensor output_bias, Tensor gamma, Tensor beta, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("conv_gru_cell_kernel_bwd(Tensor grad_out, Tensor x, Tensor h, Tensor gate_weight, Tensor output_weight, "
+        "Tensor gamma, Tensor beta, Tensor zg, Tensor zo, Tensor stats) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("conv_lstm_cell_kernel_fwd(Tensor x, Tensor h, Tensor c, Tensor weight, Tensor bias) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("conv_lstm_cell_kernel_bwd(Tensor grad_h, Tensor grad_c, Tensor x, Tensor h, Tensor c, Tensor weight, "
+        "Tensor z, Tensor c_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The instruction-set variant of the CPU kernels' hot loops (csrc/cpu/isa.h): the one in use, the
   // best this CPU runs, and a switch for tests (returns the previous one).
   m.def("cpu_isa() -> str");

@@ -120,3 +120,40 @@ def check_activation_name(activation: object) -> str:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     return activation  # type: ignore[return-value]
+
+
+def conv3x3_segments_weight(name: str, w: object, out_channels: int, c: int, k: int, ref: Tensor,
+                            ref_name: str) -> Tensor:
+    """A 3x3 conv weight over cat(x, h) (columns [0, c) act on x, [c, c+k) on h): (out, c + k, 3, 3), contiguous."""
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
+    check_tensor(name, w, 4)
+    check_like(name, w, ref, ref_name)
+    if tuple(w.shape) != (out_channels, c + k, 3, 3):
+        raise ValueError(f"{name}: expected shape ({out_channels}, {c} + {k}, 3, 3) (out, C + k, 3, 3), "
+                         f"got {tuple(w.shape)}")
+    return w.contiguous()
+
+
+def bias_vector(name: str, b: object, channels: int, ref: Tensor, ref_name: str) -> Tensor | None:
+    """An optional conv bias: None or a 1-D tensor of `channels` values in ref's dtype and device."""
+    if b is None:
+        return None
+    if not isinstance(b, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(b).__name__}")
+    check_tensor(name, b, 1)
+    check_like(name, b, ref, ref_name)
+    if b.shape[0] != channels:
+        raise ValueError(f"{name}: expected {channels} values (one per output channel), got shape {tuple(b.shape)}")
+    return b.contiguous()
+
+
+def check_state(name: str, t: object, x: Tensor, channels: int | None = None) -> Tensor:
+    """A recurrent state (N, k, H, W) beside x (N, C, H, W): same N, H, W, dtype and device."""
+    t = check_activation(name, t, x, "x")
+    n, _, hh, ww = x.shape
+    if t.shape[0] != n or tuple(t.shape[2:]) != (hh, ww) or (channels is not None and t.shape[1] != channels):
+        want = "k" if channels is None else str(channels)
+        raise ValueError(f"{name}: expected shape ({n}, {want}, {hh}, {ww}) to match x {tuple(x.shape)}, "
+                         f"got {tuple(t.shape)}")
+    return t
