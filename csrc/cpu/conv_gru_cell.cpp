@@ -191,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       d[s] = static_cast<scalar_t>(a[s] + static_cast<acc_t>(b[s]));
     });
   });
-  return {dx, dh, at::cat({dwg_x, dwg_h}, 1), dbg, at::cat({dwo_x, dwo_h}, 1), dbo, dgamma, dbeta};
+  return {dx, dh, at::cat({dwg_x, dwg_h}, 1).contiguous(), dbg, at::cat({dwo_x, dwo_h}, 1).contiguous(), dbo, dgamma, dbeta};
 }
 
 }  // namespace

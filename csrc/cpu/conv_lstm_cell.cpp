@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   });
   auto [dh, dw_h, unused] = conv3x3_backward(dz, h, seg.wh, false, fmt);
   auto [dx, dw_x, db] = conv3x3_backward(dz, x, seg.wx, true, fmt);
-  return {dx, dh, dc, at::cat({dw_x, dw_h}, 1), db};
+  return {dx, dh, dc, at::cat({dw_x, dw_h}, 1).contiguous(), db};
 }
 
 }  // namespace
