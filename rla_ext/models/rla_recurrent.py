@@ -22,8 +22,9 @@ Released quirks reproduced (and why they matter for checkpoints and outputs):
     and ``rla_channel`` is honoured (the default, 32, is the released model).
 
 The bottleneck entry ``relu(bn1(conv1(cat(x, h))))`` runs through the fused
-``rla_ext.ops.concat_conv_bn_act`` (backend selection honoured). The update's
-``tanh(bn(conv1x1(x)))`` and the cells are plain PyTorch: no fused op has their shape yet.
+``rla_ext.ops.concat_conv_bn_act`` and the cells through ``rla_ext.ops.conv_gru_cell`` /
+``conv_lstm_cell`` where the backend has fused cell kernels (cpp; backend selection honoured). The
+update's ``tanh(bn(conv1x1(x)))`` is plain PyTorch: no fused op has its shape.
 """
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ class _RLACellResNet(nn.Module):
         """Use backend `name` for every fused op of this model (None: follow rla_ext's selection)."""
         self.backend = name
         for m in self.modules():
-            if isinstance(m, RLABottleneck):
+            if isinstance(m, (RLABottleneck, ConvGRUCell, ConvLSTMCell)):
                 m.backend = name
         return self
 
@@ -169,7 +170,7 @@ class RLAgru_ResNet(_RLACellResNet):  # noqa: N801  (the released class name)
     n_states = 1
 
     def _make_cell(self, k: int) -> nn.Module:
-        return ConvGRUCell(k, k, 3)
+        return ConvGRUCell(k, k, 3, backend=self.backend)
 
     def _cell_step(self, cell: nn.Module, a: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         return (cell(a, state[0]),)
@@ -182,7 +183,7 @@ class RLAlstm_ResNet(_RLACellResNet):  # noqa: N801  (the released class name)
     n_states = 2
 
     def _make_cell(self, k: int) -> nn.Module:
-        return ConvLSTMCell(k, k, (3, 3))
+        return ConvLSTMCell(k, k, (3, 3), backend=self.backend)
 
     def _cell_step(self, cell: nn.Module, a: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         return cell(a, (state[0], state[1]))

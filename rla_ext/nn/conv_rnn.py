@@ -1,8 +1,10 @@
 """Convolutional GRU and LSTM cells used as RLA aggregation functions (the paper's comparison of
 aggregation cells), with the released RLA-Net parameter names.
 
-Both run in plain PyTorch (any device, any dtype). There is no fused cell op yet: the gate
-convolution reads ``cat(x, h)`` built explicitly, as released.
+Each cell has a ``backend`` (None: rla_ext's selection in force). When it resolves to a backend with
+fused cell kernels (``cpp``), the step runs :func:`rla_ext.ops.conv_gru_cell` /
+:func:`rla_ext.ops.conv_lstm_cell` (no concatenation built, fused GroupNorm and gating); otherwise it
+runs the plain PyTorch below (any device, any dtype), which builds ``cat(x, h)`` as released.
 
 GRU (``ConvGRUCell``; released as ``ConvGRUCell_layer``), x, h (N, k, H, W)::
 
@@ -24,6 +26,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rla_ext import _backend
+from rla_ext.ops import conv_gru_cell, conv_lstm_cell
+from rla_ext.ops.conv_gru_cell import FUSED as _GRU_FUSED
+from rla_ext.ops.conv_lstm_cell import FUSED as _LSTM_FUSED
+
+
+def _fused(backend: str | None, x: Tensor, op: str, fused: tuple[str, ...]) -> str | None:
+    """The backend to pass to the fused cell op, or None when the plain PyTorch step should run."""
+    name = _backend.resolve(backend, x.device, op, (x.shape[2], x.shape[3]))
+    return name if name in fused else None
+
 GRU_NORM_EPS = 1e-6
 
 
@@ -34,9 +47,11 @@ class ConvGRUCell(nn.Module):
     output_conv (C_in + k -> k), output_norm.
     """
 
-    def __init__(self, input_channel: int, output_channel: int, kernel_size: int = 3) -> None:
+    def __init__(self, input_channel: int, output_channel: int, kernel_size: int = 3,
+                 backend: str | None = None) -> None:
         super().__init__()
         self.output_channel = output_channel
+        self.backend = backend
         pad = kernel_size // 2
         cin = input_channel + output_channel
         self.gate_conv = nn.Conv2d(cin, 2 * output_channel, kernel_size, padding=pad)
@@ -46,6 +61,12 @@ class ConvGRUCell(nn.Module):
         self.output_norm = nn.GroupNorm(1, output_channel, GRU_NORM_EPS, affine=True)
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        fused = _fused(self.backend, x, "conv_gru_cell", _GRU_FUSED) if self.gate_conv.kernel_size == (3, 3) else None
+        if fused is not None:
+            return conv_gru_cell(x, h, self.gate_conv.weight, self.gate_conv.bias, self.output_conv.weight,
+                                 self.output_conv.bias, self.reset_gate_norm.weight, self.reset_gate_norm.bias,
+                                 self.update_gate_norm.weight, self.update_gate_norm.bias, self.output_norm.weight,
+                                 self.output_norm.bias, eps=self.output_norm.eps, backend=fused)
         r, u = torch.split(self.gate_conv(torch.cat((x, h), 1)), self.output_channel, dim=1)
         r = torch.sigmoid(self.reset_gate_norm(r))
         u = torch.sigmoid(self.update_gate_norm(u))
@@ -60,14 +81,18 @@ class ConvLSTMCell(nn.Module):
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, kernel_size: tuple[int, int] = (3, 3),
-                 bias: bool = False) -> None:
+                 bias: bool = False, backend: str | None = None) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim
+        self.backend = backend
         self.conv = nn.Conv2d(input_dim + hidden_dim, 4 * hidden_dim, kernel_size,
                               padding=(kernel_size[0] // 2, kernel_size[1] // 2), bias=bias)
 
     def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         h, c = state
+        fused = _fused(self.backend, x, "conv_lstm_cell", _LSTM_FUSED) if self.conv.kernel_size == (3, 3) else None
+        if fused is not None:
+            return conv_lstm_cell(x, h, c, self.conv.weight, self.conv.bias, backend=fused)
         i, f, o, g = torch.split(self.conv(torch.cat((x, h), 1)), self.hidden_dim, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c

@@ -115,6 +115,8 @@ def conv_lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor
     if bias is None:
         bias = x.new_zeros((4 * k,))
     fmt = v.memory_format_of(x)
-    h_out, c_out, _ = ConvLSTMCellFunction.apply(v.in_format(x, fmt), v.in_format(h, fmt), v.in_format(c, fmt),
-                                                 weight, bias, name)
+    x, h, c = v.in_format(x, fmt), v.in_format(h, fmt), v.in_format(c, fmt)
+    if c is h:  # one zero tensor as both initial states: torch.compile refuses a tensor given twice to a Function
+        c = c.clone()
+    h_out, c_out, _ = ConvLSTMCellFunction.apply(x, h, c, weight, bias, name)
     return h_out, c_out
