@@ -220,3 +220,26 @@ def test_compile_fullgraph_matches_eager(backend):
         results.append((loss.detach(), x.grad, h.grad, c.grad, gru["gate_weight"].grad, lstm["weight"].grad))
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPP)
+@pytest.mark.parametrize("cell", CELLS)
+def test_models_cells_take_the_fused_op(backend, cell, monkeypatch):
+    """The GRU / LSTM RLA-ResNets' cells run the fused cell op on a fused backend, the plain step on torch."""
+    import sys
+
+    from rla_ext.models import RLAgru_ResNet, RLAlstm_ResNet
+
+    mod = sys.modules[f"rla_ext.ops.conv_{cell}_cell"]
+    fn = mod.ConvGRUCellFunction if cell == "gru" else mod.ConvLSTMCellFunction
+    calls = []
+    real = fn.apply
+    monkeypatch.setattr(fn, "apply", lambda *a: calls.append(1) or real(*a))
+    cls = RLAgru_ResNet if cell == "gru" else RLAlstm_ResNet
+    m = cls((1, 1), num_classes=3, rla_channel=4, widths=(4, 8), backend=backend)
+    x = torch.randn(2, 3, 32, 32)
+    out = m(x)
+    assert len(calls) == 2  # one cell step per block
+    m.set_backend("torch")
+    torch.testing.assert_close(m(x), out, **TOLERANCES[torch.float32])
+    assert len(calls) == 2
