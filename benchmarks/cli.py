@@ -34,7 +34,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 QUICK_STAGES = (STAGES[1], STAGES[3])
-E2E_NAMES = {"rla": "rla_resnet50", "plain": "resnet50"}
+E2E_NAMES = {**model_step.FACTORIES, "plain": "resnet50"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -61,6 +61,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     e2e.add_argument("--e2e", action="store_true", help="run the end-to-end training step even with --quick")
     e2e.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step")
     e2e.add_argument("--e2e-only", action="store_true", help="only the end-to-end training step")
+    p.add_argument("--e2e-models", default="plain,rla", help="comma-separated training-step models: "
+                   f"{', '.join(model_step.MODELS)} (default: plain,rla; rlagru = rlagru_resnet50, "
+                   "dsrla_mnv2 = dsrla_mobilenetv2, ...)")
     p.add_argument("--e2e-batch", type=int, help="training-step batch (default 128 on cuda, 4 on cpu)")
     p.add_argument("--image-size", type=int, help="training-step image size, a multiple of 64 "
                    "(default 224 on cuda, 128 on cpu)")
@@ -109,6 +112,10 @@ class Settings:
         self.row_budget_s = args.row_budget_s
         self.run_ops = not args.e2e_only
         self.run_e2e = args.e2e or args.e2e_only or not (q or args.no_e2e)
+        self.e2e_models = tuple(m.strip() for m in args.e2e_models.split(",") if m.strip())
+        bad = [m for m in self.e2e_models if m not in model_step.MODELS]
+        if bad:
+            raise SystemExit(f"--e2e-models: unknown {bad}; expected some of {', '.join(model_step.MODELS)}")
         self.e2e_batch = args.e2e_batch or (128 if gpu else 4)
         self.image_size = args.image_size or (224 if gpu else 128)
         self.e2e_compile_mode = args.e2e_compile_mode or self.compile_mode
@@ -127,7 +134,7 @@ class Settings:
                 "passes": list(self.passes), "providers": list(self.providers), "compile_mode": self.compile_mode,
                 "channels_last": self.channels_last, "warmup": self.warmup, "repeats": self.repeats,
                 "quick": self.quick, "e2e": self.run_e2e, "e2e_batch": self.e2e_batch,
-                "image_size": self.image_size, "e2e_repeats": self.e2e_repeats,
+                "e2e_models": list(self.e2e_models), "image_size": self.image_size, "e2e_repeats": self.e2e_repeats,
                 "e2e_compile_mode": self.e2e_compile_mode}
 
 
@@ -327,8 +334,8 @@ def plan(cfg: Settings, bandwidth: dict[str, float]) -> list[Task]:
             tasks += [op_task(op, stage, g) for op in cfg.ops for stage in cfg.stages for g in groups]
         if cfg.run_e2e:
             # The plain ResNet-50 has no RLA ops: it runs as eager (and compiled), the cost baseline.
-            entries = [("plain", p) for p in providers if p in (cases.EAGER, cases.COMPILE)]
-            entries += [("rla", p) for p in providers]
+            entries = [(m, p) for m in cfg.e2e_models for p in providers
+                       if m not in model_step.PLAIN_MODELS or p in (cases.EAGER, cases.COMPILE)]
             # Eager and fused steps are timed against each other; compiled ones one by one.
             tasks += [e2e_task(entries)] if providers is plain else [e2e_task([e]) for e in entries]
     return tasks

@@ -1,7 +1,9 @@
 """End-to-end case: one training step (forward, loss, backward, SGD step) of a whole network.
 
 ``rla`` is RLA-ResNet-50 from rla_ext.models (with the provider's backend, or compiled), ``plain``
-is the same package's ResNet-50 without RLA, the baseline that shows what RLA costs. The models
+is the same package's ResNet-50 without RLA, the baseline that shows what RLA costs. The other RLA
+families (``rlagru``, ``rlalstm``: RLA-ResNet-50 with a ConvGRU / ConvLSTM cell; ``rla_mnv2``,
+``dsrla_mnv2``: (ds)RLA-MobileNetV2; ``rla_densenet121``) are picked with the CLI's --e2e-models. The models
 are imported lazily: when rla_ext.models is not there the case raises CaseUnavailable with why.
 The whole model is cast to the benchmark dtype (pure low-precision training), identical for every
 provider, because the fused ops take one dtype for all activations.
@@ -18,7 +20,13 @@ from torch import nn
 from benchmarks.cases import COMPILE, CaseUnavailable, check_provider, compile_module
 from benchmarks.shapes import RLA_CHANNELS
 
-MODELS = ("rla", "plain")
+# model key -> the rla_ext.models constructor it builds (the name reported in the results).
+FACTORIES = {"rla": "rla_resnet50", "plain": "plain_resnet50", "rlagru": "rlagru_resnet50",
+             "rlalstm": "rlalstm_resnet50", "rla_mnv2": "rla_mobilenetv2", "dsrla_mnv2": "dsrla_mobilenetv2",
+             "rla_densenet121": "rla_densenet121"}
+MODELS = tuple(FACTORIES)
+# Models without RLA ops: eager (and compiled) only.
+PLAIN_MODELS = ("plain",)
 
 
 def build_model(model: str, backend: str, num_classes: int = 1000) -> nn.Module:
@@ -26,17 +34,14 @@ def build_model(model: str, backend: str, num_classes: int = 1000) -> nn.Module:
         from rla_ext import models
     except ImportError as e:
         raise CaseUnavailable(f"rla_ext.models is not available ({e})") from None
-    if model == "rla":
-        factory = getattr(models, "rla_resnet50", None)
-        kwargs = {"num_classes": num_classes, "rla_channel": RLA_CHANNELS, "backend": backend}
-    elif model == "plain":
-        factory = getattr(models, "plain_resnet50", None)
-        kwargs = {"num_classes": num_classes}
-    else:
+    if model not in FACTORIES:
         raise ValueError(f"model: expected one of {MODELS}, got {model!r}")
+    factory = getattr(models, FACTORIES[model], None)
     if factory is None:
-        raise CaseUnavailable(f"rla_ext.models has no {'rla_resnet50' if model == 'rla' else 'plain_resnet50'}")
-    return factory(**kwargs)
+        raise CaseUnavailable(f"rla_ext.models has no {FACTORIES[model]}")
+    if model in PLAIN_MODELS:
+        return factory(num_classes=num_classes)
+    return factory(num_classes=num_classes, rla_channel=RLA_CHANNELS, backend=backend)
 
 
 @dataclass
@@ -52,10 +57,10 @@ class TrainStep:
 def make_train_step(model: str, provider: str, *, batch: int, dtype: torch.dtype, device: torch.device | str,
                     image_size: int = 224, channels_last: bool = True, num_classes: int = 1000,
                     compile_mode: str | None = None, seed: int = 0) -> TrainStep:
-    """A training step of `model` ("rla" or "plain") for one provider."""
+    """A training step of `model` (a key of FACTORIES) for one provider."""
     device = torch.device(device)
     backend = check_provider(provider, device)
-    if model == "plain" and provider not in ("eager", COMPILE):
+    if model in PLAIN_MODELS and provider not in ("eager", COMPILE):
         raise CaseUnavailable("the plain ResNet-50 has no RLA ops, so fused backends do not apply")
     torch.manual_seed(seed)
     net = build_model(model, backend, num_classes).to(device=device, dtype=dtype).train()

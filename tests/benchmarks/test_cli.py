@@ -106,3 +106,18 @@ def test_cli_tiny_e2e_times_eager_and_fused_steps_together(tmp_path):
     # The fused entry keeps no cat(x, h) and no per-op intermediates for backward.
     assert rows["rla_resnet50", "cpp"]["saved_for_backward_bytes"] < rows["rla_resnet50", "eager"][
         "saved_for_backward_bytes"]
+
+
+@pytest.mark.skipif("cpp" not in rla_ext.available_backends("cpu"), reason="the cpp backend was not built")
+def test_cli_tiny_e2e_of_a_recurrent_cell_model(tmp_path):
+    """--e2e-models picks the other RLA families: the GRU-cell RLA-ResNet-50 on eager and cpp."""
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks", "--device", "cpu", "--e2e-only", "--e2e-models", "rlagru",
+           "--e2e-batch", "1", "--image-size", "64", "--e2e-repeats", "1", "--providers", "eager,cpp",
+           "--no-progress", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["op"], r["provider"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {("rlagru_resnet50", "eager"), ("rlagru_resnet50", "cpp")}
+    assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in rows.values()), rows
