@@ -3,6 +3,12 @@
     python examples/train.py --epochs 5                      # rla_resnet20, 16x16 inputs
     python examples/train.py --backend torch --amp --channels-last --arch rla_resnet29_bottleneck
     torchrun --nproc_per_node=2 examples/train.py --sync-bn  # DDP, BatchNorm statistics over both ranks
+    python examples/train.py --arch rlagru_small --epochs 3 --plot gru.png   # ConvGRU-cell RLA-ResNet
+
+The ImageNet-layout families (rlagru_*/rlalstm_* RLA-ResNets, (ds)rla_mobilenetv2*) take 3-channel
+inputs with sides a multiple of 32: for them the digits are repeated to 3 channels at 32 px.
+``rlagru_small`` / ``rlalstm_small`` are those RLA-ResNets shrunk to one bottleneck per stage with
+widths 16..128 (a few seconds per epoch on a CPU); the released names build the full networks.
 
 The 8x8 digit images are upsampled (bilinear) to --size pixels and standardised; 20% are held out.
 Prints the loss as it trains (tqdm) and the held-out accuracy after every epoch.
@@ -46,6 +52,46 @@ def load_digits(size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch
     return x[train], y[train], x[test], y[test]
 
 
+# Small configurations of the ImageNet-layout recurrent-cell RLA-ResNets: (class name, layers, widths).
+SMALL = {"rlagru_small": ("RLAgru_ResNet", (1, 1, 1, 1), (16, 32, 64, 128)),
+         "rlalstm_small": ("RLAlstm_ResNet", (1, 1, 1, 1), (16, 32, 64, 128))}
+IMAGENET_LAYOUT = ("rlagru_", "rlalstm_", "rla_mobilenetv2", "dsrla_mobilenetv2")
+
+
+def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, int]:
+    """-> (model, input channels, input size) for --arch."""
+    if args.arch in SMALL:
+        cls, layers, widths = SMALL[args.arch]
+        model = getattr(models, cls)(layers, num_classes=10, rla_channel=args.rla_channel, widths=widths,
+                                     backend=args.backend)
+        return model, 3, max(32, (args.size + 31) // 32 * 32)
+    if args.arch.startswith(IMAGENET_LAYOUT):
+        model = models.get_model(args.arch, num_classes=10, rla_channel=args.rla_channel, backend=args.backend)
+        return model, 3, max(32, (args.size + 31) // 32 * 32)
+    model = models.get_model(args.arch, num_classes=10, rla_channel=args.rla_channel, backend=args.backend,
+                             in_channels=1, shared_blocks=args.shared_blocks)
+    return model, 1, args.size
+
+
+def plot(path: str, losses: list[float], accuracy: list[float], steps_per_epoch: int, title: str) -> None:
+    """A PNG of the training loss per step and the held-out accuracy per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.8, color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    acc = ax.twinx()
+    acc.plot([steps_per_epoch * (i + 1) for i in range(len(accuracy))], [100 * a for a in accuracy], "o-",
+             color="tab:red")
+    acc.set_ylabel("held-out accuracy (%)", color="tab:red")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="rla_resnet20", help="a CIFAR-size model, e.g. rla_resnet20, rla_resnet32, "
@@ -69,6 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm statistics over all ranks (convert_sync_batchnorm)")
     p.add_argument("--json", default=None, help="write per-step losses and accuracies to this file")
+    p.add_argument("--plot", default=None, help="save a PNG of the loss and held-out accuracy curves here")
     return p.parse_args(argv)
 
 
@@ -100,11 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     dtype = getattr(torch, args.dtype)
-    x_tr, y_tr, x_te, y_te = (t.to(device) for t in load_digits(args.size, args.seed))
-    x_tr, x_te = (t.to(dtype).contiguous(memory_format=fmt) for t in (x_tr, x_te))
-
-    model = models.get_model(args.arch, num_classes=10, rla_channel=args.rla_channel, backend=args.backend,
-                             in_channels=1, shared_blocks=args.shared_blocks)
+    model, in_channels, size = build_model(args)
+    x_tr, y_tr, x_te, y_te = (t.to(device) for t in load_digits(size, args.seed))
+    x_tr, x_te = (t.expand(-1, in_channels, -1, -1).to(dtype).contiguous(memory_format=fmt) for t in (x_tr, x_te))
     model = model.to(device, dtype=dtype, memory_format=fmt)
     if args.sync_bn:
         from rla_ext.nn import convert_sync_batchnorm
@@ -172,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"losses": losses, "accuracy": accuracy, "seconds": seconds, "steps": step}
     if args.json and rank == 0:
         Path(args.json).write_text(json.dumps(result))
+    if args.plot and rank == 0:
+        plot(args.plot, losses, accuracy, steps_per_epoch, f"{args.arch} on digits, backend {backend}")
     if world > 1:
         torch.distributed.destroy_process_group()
     return result
