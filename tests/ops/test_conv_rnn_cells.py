@@ -243,3 +243,30 @@ def test_models_cells_take_the_fused_op(backend, cell, monkeypatch):
     m.set_backend("torch")
     torch.testing.assert_close(m(x), out, **TOLERANCES[torch.float32])
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("backend", CPP)
+@pytest.mark.parametrize("cell", CELLS)
+def test_auto_takes_the_fused_cell_for_inference_only(backend, cell, monkeypatch):
+    """auto: the fused forward where it is faster (no grad), the plain step when training (its fused
+    backward is not yet faster); the named backend always gets the fused op."""
+    import sys
+
+    from rla_ext.models import RLAgru_ResNet, RLAlstm_ResNet
+
+    mod = sys.modules[f"rla_ext.ops.conv_{cell}_cell"]
+    fn = mod.ConvGRUCellFunction if cell == "gru" else mod.ConvLSTMCellFunction
+    calls = []
+    real = fn.apply
+    monkeypatch.setattr(fn, "apply", lambda *a: calls.append(1) or real(*a))
+    cls = RLAgru_ResNet if cell == "gru" else RLAlstm_ResNet
+    m = cls((1, 1), num_classes=3, rla_channel=4, widths=(4, 8), backend="auto")
+    x = torch.randn(2, 3, 32, 32)
+    m(x)
+    assert calls == []
+    with torch.no_grad():
+        m(x)
+    assert len(calls) == 2
+    m.set_backend(backend)
+    m(x)
+    assert len(calls) == 4
