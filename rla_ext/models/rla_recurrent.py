@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from rla_ext.nn import RLABottleneck, make_downsample
 from rla_ext.nn.conv_rnn import ConvGRUCell, ConvLSTMCell
+from rla_ext.models.rla_resnet import stage_arguments
 
 _WIDTHS = (64, 128, 256, 512)
 ECA_KERNELS = (5, 5, 5, 7)  # the released ECA kernel sizes per stage
@@ -78,13 +79,7 @@ class _RLACellResNet(nn.Module):
                  width_per_group: int = 64, zero_init_last_bn: bool = True, widths: Sequence[int] | None = None,
                  backend: str | None = None) -> None:
         super().__init__()
-        widths = tuple(widths) if widths is not None else _WIDTHS[:len(layers)]
-        if len(widths) != len(layers) or not layers or min(layers) < 1:
-            raise ValueError(f"layers {tuple(layers)} and widths {widths}: expected one positive block count per "
-                             "stage width")
-        eca = [None] * len(layers) if eca is None else list(eca)
-        if len(eca) != len(layers):
-            raise ValueError(f"eca: expected one kernel size per stage ({len(layers)}), got {eca}")
+        widths, eca = stage_arguments(layers, widths, _WIDTHS, eca)
         self.rla_channel = rla_channel
         self.layers = tuple(int(n) for n in layers)
         self.backend = backend

@@ -25,6 +25,20 @@ from rla_ext.nn import EarlyExitHead, RLABasicBlock, RLABottleneck, make_downsam
 _WIDTHS = {"imagenet": (64, 128, 256, 512), "cifar": (16, 32, 64)}
 
 
+def stage_arguments(layers: Sequence[int], widths: Sequence[int] | None, default_widths: Sequence[int],
+                    eca: Sequence[int] | None) -> tuple[tuple[int, ...], list]:
+    """(widths, eca) of a ResNet-style constructor, checked: one positive block count, width and
+    ECA kernel size (None: no ECA) per stage."""
+    widths = tuple(widths) if widths is not None else tuple(default_widths[:len(layers)])
+    if len(widths) != len(layers) or not layers or min(layers) < 1:
+        raise ValueError(f"layers {tuple(layers)} and widths {widths}: expected one positive block count per "
+                         "stage width")
+    eca = [None] * len(layers) if eca is None else list(eca)
+    if len(eca) != len(layers):
+        raise ValueError(f"eca: expected one kernel size per stage ({len(layers)}), got {eca}")
+    return widths, eca
+
+
 class RLAResNet(nn.Module):
     """An RLA-ResNet. x (N, in_channels, H, W) -> logits (N, num_classes).
 
@@ -50,13 +64,7 @@ class RLAResNet(nn.Module):
         super().__init__()
         if stem not in _WIDTHS:
             raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {stem!r}")
-        widths = tuple(widths) if widths is not None else _WIDTHS[stem][:len(layers)]
-        if len(widths) != len(layers) or not layers or min(layers) < 1:
-            raise ValueError(f"layers {tuple(layers)} and widths {widths}: expected one positive block count per "
-                             "stage width")
-        eca = [None] * len(layers) if eca is None else list(eca)
-        if len(eca) != len(layers):
-            raise ValueError(f"eca: expected one kernel size per stage ({len(layers)}), got {eca}")
+        widths, eca = stage_arguments(layers, widths, _WIDTHS[stem], eca)
         self.rla_channel = rla_channel
         self.stem_kind = stem
         self.layers = tuple(int(n) for n in layers)

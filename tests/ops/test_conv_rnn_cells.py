@@ -222,10 +222,8 @@ def test_compile_fullgraph_matches_eager(backend):
         torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", CPP)
-@pytest.mark.parametrize("cell", CELLS)
-def test_models_cells_take_the_fused_op(backend, cell, monkeypatch):
-    """The GRU / LSTM RLA-ResNets' cells run the fused cell op on a fused backend, the plain step on torch."""
+def _small_model_counting_cell_calls(cell: str, backend: str, monkeypatch) -> tuple[torch.nn.Module, list]:
+    """A two-block GRU / LSTM RLA-ResNet and the list that grows by one per fused cell-op call."""
     import sys
 
     from rla_ext.models import RLAgru_ResNet, RLAlstm_ResNet
@@ -236,7 +234,14 @@ def test_models_cells_take_the_fused_op(backend, cell, monkeypatch):
     real = fn.apply
     monkeypatch.setattr(fn, "apply", lambda *a: calls.append(1) or real(*a))
     cls = RLAgru_ResNet if cell == "gru" else RLAlstm_ResNet
-    m = cls((1, 1), num_classes=3, rla_channel=4, widths=(4, 8), backend=backend)
+    return cls((1, 1), num_classes=3, rla_channel=4, widths=(4, 8), backend=backend), calls
+
+
+@pytest.mark.parametrize("backend", CPP)
+@pytest.mark.parametrize("cell", CELLS)
+def test_models_cells_take_the_fused_op(backend, cell, monkeypatch):
+    """The GRU / LSTM RLA-ResNets' cells run the fused cell op on a fused backend, the plain step on torch."""
+    m, calls = _small_model_counting_cell_calls(cell, backend, monkeypatch)
     x = torch.randn(2, 3, 32, 32)
     out = m(x)
     assert len(calls) == 2  # one cell step per block
@@ -250,17 +255,7 @@ def test_models_cells_take_the_fused_op(backend, cell, monkeypatch):
 def test_auto_takes_the_fused_cell_for_inference_only(backend, cell, monkeypatch):
     """auto: the fused forward where it is faster (no grad), the plain step when training (its fused
     backward is not yet faster); the named backend always gets the fused op."""
-    import sys
-
-    from rla_ext.models import RLAgru_ResNet, RLAlstm_ResNet
-
-    mod = sys.modules[f"rla_ext.ops.conv_{cell}_cell"]
-    fn = mod.ConvGRUCellFunction if cell == "gru" else mod.ConvLSTMCellFunction
-    calls = []
-    real = fn.apply
-    monkeypatch.setattr(fn, "apply", lambda *a: calls.append(1) or real(*a))
-    cls = RLAgru_ResNet if cell == "gru" else RLAlstm_ResNet
-    m = cls((1, 1), num_classes=3, rla_channel=4, widths=(4, 8), backend="auto")
+    m, calls = _small_model_counting_cell_calls(cell, "auto", monkeypatch)
     x = torch.randn(2, 3, 32, 32)
     m(x)
     assert calls == []
