@@ -116,15 +116,17 @@ DTYPES = [(torch.float32, False), (torch.float32, True), (torch.float16, False),
 def cases(tier: str) -> list[Case]:
     out = []
     if tier == "quick":
-        # One shape (stage 2, batch 256, channels_last) and every configuration of every kernel, in
-        # the dtypes that matter most: bf16 (mixed-precision training) and fp32 with TF32 (the
-        # largest shared-memory tiles); each in training with the op's flag on (ReLU, pooling) and
-        # in eval with it off, so every kernel and both values of every flag are compiled.
+        # One shape (stage 2, batch 256) and every configuration of every kernel: channels_last in
+        # bf16 (mixed-precision training) and fp32 with TF32 (the largest shared-memory tiles), each
+        # in training with the op's flag on (ReLU, pooling) and in eval with it off; and NCHW fp32
+        # without TF32 in training, which takes the lean tiles (common.register_bound).
         for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, True)):
             for training in (True, False):
                 out.append(Case("A", 256, 512, 28, co=128, dtype=dtype, tf32=tf32, training=training,
                                 relu=training))
                 out.append(Case("B", 256, 512, 28, pool=training, dtype=dtype, tf32=tf32, training=training))
+        out.append(Case("A", 256, 512, 28, co=128, dtype=torch.float32, channels_last=False))
+        out.append(Case("B", 256, 512, 28, pool=True, dtype=torch.float32, channels_last=False))
         return out
     for n in (256, 1):
         for dtype, tf32 in DTYPES:
@@ -253,7 +255,7 @@ def record(all_cases: list[Case]) -> list[Launch]:
     tuned_cls = getattr(common, "Autotuned", None)
     if tuned_cls is not None:
         def tuned_run(self, grid, *args, **kwargs):
-            for cfg in self.configs:
+            for cfg in self.candidates(args, kwargs):
                 self.launch(cfg, grid, args, kwargs)
         patches.append((tuned_cls, "run", tuned_run))
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
@@ -494,9 +496,15 @@ def coverage(launches: list[Launch]) -> list[str]:
             name = fn.fn.__name__
             if name not in launched:
                 missing.append(f"{mod.__name__}.{name}: never launched by the recorded cases")
-            elif hasattr(obj, "configs") and len(launched[name]) < len(obj.configs):
-                missing.append(f"{name}: {len(launched[name])} of {len(obj.configs)} configurations launched")
+            elif hasattr(obj, "configs"):
+                every = {_config_label(c) for c in obj.configs + getattr(obj, "lean_configs", [])}
+                if every - launched[name]:
+                    missing.append(f"{name}: configurations never launched: {sorted(every - launched[name])}")
     return missing
+
+
+def _config_label(config) -> str:
+    return Launch(None, (), {**config.all_kwargs()}, (1, 1, 1), None).config()
 
 
 def _kernel_modules():

@@ -97,26 +97,39 @@ def deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
+def register_bound(args, kwargs) -> bool:
+    """Whether a call's tiles pass through registers rather than shared memory: float32 without
+    TF32 (`tl.dot` on FMAs, both operands in registers) or NCHW activations (channel-strided loads;
+    the first argument of every autotuned kernel is an activation). Larger tiles spill there (up to
+    73 KB per thread, measured by scripts/triton_aot.py), so such calls choose among `lean` tiles."""
+    t = args[0]
+    strided = t.dim() == 4 and t.shape[1] > 1 and t.stride(1) != 1
+    return strided or (t.dtype == torch.float32 and kwargs.get("PREC") == "ieee")
+
+
 class Autotuned:
     """A Triton kernel launched with one of several configurations, picked per key.
 
+    * The candidates are `configs`, or `lean_configs` for a register-bound call (`register_bound`).
     * The key is the named arguments' values, those in `bucketed` rounded up to a power of two
-      (`bucket`), plus the tensor arguments' dtypes: a new batch or spatial size reuses the choice
-      made for its bucket instead of timing every configuration again.
-    * Under ``torch.use_deterministic_algorithms(True)`` nothing is timed and the first
-      configuration always runs: the reduction split (BLOCK_K) and hence the summation order, and
-      the results, are the same bits in every run and every process.
+      (`bucket`), the tensor arguments' dtypes and the candidate list: a new batch or spatial size
+      reuses the choice made for its bucket instead of timing every configuration again.
+    * Under ``torch.use_deterministic_algorithms(True)`` nothing is timed and the first candidate
+      always runs: the reduction split (BLOCK_K) and hence the summation order, and the results,
+      are the same bits in every run and every process.
     * Otherwise the first launch of each key times every configuration on the real arguments (the
       kernels only write their outputs, so repeating a launch is harmless); a configuration that
       does not fit the GPU (out of shared memory or registers) is skipped.
 
-    ``kernel[grid](*args, **kwargs)`` launches like a Triton kernel; `configs` lists every
-    configuration (scripts/triton_aot.py compiles all of them for sm_90).
+    ``kernel[grid](*args, **kwargs)`` launches like a Triton kernel; scripts/triton_aot.py compiles
+    every candidate of every call for sm_90.
     """
 
-    def __init__(self, fn, configs: list[triton.Config], key: list[str], bucketed: tuple[str, ...] = ()):
+    def __init__(self, fn, configs: list[triton.Config], key: list[str], bucketed: tuple[str, ...] = (),
+                 lean_configs: list[triton.Config] | None = None):
         self.fn = fn
         self.configs = configs
+        self.lean_configs = lean_configs or configs
         self.key = key
         self.bucketed = bucketed
         self.cache: dict[tuple, triton.Config] = {}
@@ -130,16 +143,20 @@ class Autotuned:
     def launch(self, config: triton.Config, grid, args, kwargs):
         return self.fn[grid](*args, **kwargs, **config.all_kwargs())
 
+    def candidates(self, args, kwargs) -> list[triton.Config]:
+        return self.lean_configs if register_bound(args, kwargs) else self.configs
+
     def key_of(self, args, kwargs) -> tuple:
         named = dict(zip(self.fn.arg_names, args))
         named.update(kwargs)
         key = tuple(bucket(named[k]) if k in self.bucketed else named[k] for k in self.key)
         dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
-        return key + dtypes
+        return key + dtypes + (register_bound(args, kwargs),)
 
     def pick(self, grid, args, kwargs) -> triton.Config:
-        if len(self.configs) == 1 or deterministic():
-            return self.configs[0]
+        candidates = self.candidates(args, kwargs)
+        if len(candidates) == 1 or deterministic():
+            return candidates[0]
         key = self.key_of(args, kwargs)
         best = self.cache.get(key)
         if best is None:
@@ -156,23 +173,30 @@ class Autotuned:
             except OutOfResources:
                 return float("inf")
 
-        times = [timed(c) for c in self.configs]
-        return self.configs[min(range(len(times)), key=times.__getitem__)]
+        candidates = self.candidates(args, kwargs)
+        times = [timed(c) for c in candidates]
+        return candidates[min(range(len(times)), key=times.__getitem__)]
 
 
-def autotune(tiles: list[tuple[int, ...]], key: list[str], *, bucketed: tuple[str, ...] = ("M",),
-             fixed_m: int | None = None):
-    """Decorator: ``@autotune(TILES, key=[...])`` over ``@triton.jit`` (see Autotuned)."""
-    return lambda fn: Autotuned(fn, configs(tiles, fixed_m=fixed_m), key, bucketed)
+def autotune(tiles: list[tuple[int, ...]], key: list[str], *, lean: list[tuple[int, ...]] | None = None,
+             bucketed: tuple[str, ...] = ("M",), fixed_m: int | None = None):
+    """Decorator: ``@autotune(TILES, key=[...], lean=LEAN_TILES)`` over ``@triton.jit`` (see
+    Autotuned); `lean` tiles serve register-bound calls (default: the same tiles)."""
+    return lambda fn: Autotuned(fn, configs(tiles, fixed_m=fixed_m), key, bucketed,
+                                configs(lean, fixed_m=fixed_m) if lean else None)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). N is often k = 32 (the RLA state), hence narrow tiles.
-# The first entry of each list is the configuration pinned in deterministic mode.
+# The first entry of each list is the configuration pinned in deterministic mode. Each *_LEAN list
+# serves register-bound calls (common.register_bound: fp32 without TF32, NCHW activations): it leaves
+# out the tiles that spilled there on sm_90 (scripts/triton_aot.py, full tier); the other calls
+# (channels_last in bf16, fp16 or fp32 with TF32) spilled in none.
 GEMM_TILES = [
     (128, 64, 32, 4, 4),
     (64, 64, 32, 4, 4), (128, 32, 64, 4, 4),
     (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
 ]
+GEMM_LEAN = [(64, 64, 32, 4, 4), (128, 32, 64, 4, 4), (128, 128, 32, 8, 3)]  # 64x128x32 w4: 216 B
 # The BN-backward input-gradient GEMM (dz @ W): its A operand is rebuilt from TWO loaded tiles per
 # step (the gradient source and z), so a (128 x 64) A tile with 4 stages needed ~270 KB of shared
 # memory in fp32; BLOCK_K stays at 32 for 128-row tiles.
@@ -181,29 +205,32 @@ DGRAD_TILES = [
     (64, 64, 32, 4, 4), (128, 32, 32, 4, 4),
     (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
 ]
+DGRAD_LEAN = [(64, 64, 32, 4, 4), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3)]  # 128 rows at 4 warps: 728 B
 # GEMMs whose N is the RLA state width k (32 by default): out1x1(y) in op B's forward.
 STATE_GEMM_TILES = [
     (64, 32, 64, 4, 4),
     (64, 32, 128, 4, 3), (64, 32, 32, 4, 4), (64, 64, 64, 4, 3),
 ]
+STATE_GEMM_LEAN = STATE_GEMM_TILES[:3]  # 64x64x64: 312 B
 # Weight gradients: (BLOCK_CO, BLOCK_C, BLOCK_M) tiles reducing over pixels.
 WGRAD_TILES = [
     (32, 64, 64, 4, 3),
     (64, 64, 64, 4, 3), (32, 128, 64, 4, 3),
     (64, 128, 32, 8, 3), ]
-
-
+WGRAD_LEAN = [(64, 64, 64, 4, 3), (64, 128, 32, 8, 3)]  # 32x64x64: 1.5 KB, 32x128x64: 73 KB
 # The 3x3 k -> k convolution (implicit GEMM over pixels x 9 taps x k): BLOCK_N tiles the k output
 # channels, BLOCK_K the k input channels; k = 32 by default, so wider tiles only waste work.
 CONV3X3_TILES = [
     (64, 32, 32, 4, 3),
     (64, 32, 32, 4, 4), (64, 64, 32, 4, 3), (64, 32, 16, 4, 4), (64, 64, 64, 8, 3),
 ]
+CONV3X3_LEAN = [(64, 32, 32, 4, 3), (64, 32, 16, 4, 4)]  # the others: 72-112 B
 # Its weight gradient: (BLOCK_CO, BLOCK_CI, BLOCK_M pixel rows) per tap.
 WGRAD3X3_TILES = [
     (32, 32, 64, 4, 3),
     (32, 32, 128, 4, 3), (32, 32, 32, 4, 4), (64, 64, 64, 4, 3),
 ]
+WGRAD3X3_LEAN = [(32, 32, 32, 4, 4)]  # the others: 1.1-29 KB
 
 
 def sm_count(device: torch.device) -> int | None:

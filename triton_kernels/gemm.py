@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from .batchnorm import load_dz
-from .common import DGRAD_TILES, WGRAD_TILES, autotune, dot_precision, pixel_strides, row_offsets, split_rows
+from .common import (DGRAD_LEAN, DGRAD_TILES, WGRAD_LEAN, WGRAD_TILES, autotune, dot_precision, pixel_strides,
+                     row_offsets, split_rows)
 
 
 @triton.jit
@@ -47,7 +48,7 @@ def _store_act_tile(out, acc, rows, rmask, cols, cmask, HW, o_sn, o_sp, o_sc):
              mask=rmask[:, None] & cmask[None, :])
 
 
-@autotune(DGRAD_TILES, key=["M", "CO", "C1", "C2", "RELU", "TRAINING", "PREC"])
+@autotune(DGRAD_TILES, key=["M", "CO", "C1", "C2", "RELU", "TRAINING", "PREC"], lean=DGRAD_LEAN)
 @triton.jit
 def _dz_dgrad_kernel(src, zp, w, out1, out2, mean, var, gamma, beta, dbeta, dgamma, M, HW, CO, C1, C2, eps,
                      inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, o1_sn, o1_sp, o1_sc, o2_sn, o2_sp, o2_sc,
@@ -99,7 +100,7 @@ def _wgrad_tile(src, zp, act, wpart, mean, var, gamma, beta, dbeta, dgamma, pid_
 
 
 # Config names reused: BLOCK_M tiles CO, BLOCK_N the weight columns, BLOCK_K the pixel rows.
-@autotune(WGRAD_TILES, key=["M", "CO", "C1", "C2", "RELU", "TRAINING", "PREC"])
+@autotune(WGRAD_TILES, key=["M", "CO", "C1", "C2", "RELU", "TRAINING", "PREC"], lean=WGRAD_LEAN)
 @triton.jit
 def _dz_wgrad_kernel(src, zp, act1, act2, wpart, mean, var, gamma, beta, dbeta, dgamma, M, HW, CO, C1, C2,
                      rows_per_split, eps, inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, a1_sn, a1_sp, a1_sc,

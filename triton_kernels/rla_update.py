@@ -18,12 +18,14 @@ import triton.language as tl
 from . import _aten
 from .batchnorm import (bn_affine, channel_rstd, finalize_stats, finalize_sums, load_dz, new_partials,
                         store_grad_partials, store_stat_partials)
-from .common import (CONV3X3_TILES, STAT_ROWS, STATE_GEMM_TILES, WGRAD3X3_TILES, autotune, dot_precision,
-                     empty_act, memory_format_of, needs_aten, pixel_strides, row_offsets, split_rows, tanh)
+from .common import (CONV3X3_LEAN, CONV3X3_TILES, STAT_ROWS, STATE_GEMM_LEAN, STATE_GEMM_TILES, WGRAD3X3_LEAN,
+                     WGRAD3X3_TILES, autotune, dot_precision, empty_act, memory_format_of, needs_aten,
+                     pixel_strides, row_offsets, split_rows, tanh)
 from .gemm import BNGrad, dz_dgrad, dz_wgrad
 
 
-@autotune(STATE_GEMM_TILES, key=["M", "C", "K", "POOL", "TRAINING", "PREC"], fixed_m=STAT_ROWS)
+@autotune(STATE_GEMM_TILES, key=["M", "C", "K", "POOL", "TRAINING", "PREC"], lean=STATE_GEMM_LEAN,
+          fixed_m=STAT_ROWS)
 @triton.jit
 def _fwd_gemm_kernel(y, w, h, s, part_mean, part_m2, M, HW, Wd, C, K,
                      y_sn, y_sp, y_sc, h_sn, h_sc, h_sh, h_sw, s_sn, s_sp, s_sc,
@@ -77,7 +79,7 @@ def _bn_tanh(v, ch, ch_mask, mean, var, gamma, beta, eps):
     return tanh(bn_affine(xhat, gm[None, :], bt[None, :])), xhat
 
 
-@autotune(CONV3X3_TILES, key=["M", "K", "TRANSPOSED", "PREC"], fixed_m=STAT_ROWS)
+@autotune(CONV3X3_TILES, key=["M", "K", "TRANSPOSED", "PREC"], lean=CONV3X3_LEAN, fixed_m=STAT_ROWS)
 @triton.jit
 def _conv3x3_kernel(src, w, out, s, mean, var, gamma, beta, part_g, part_gx, M, HW, H, Wd, K, eps,
                     i_sn, i_sc, i_sh, i_sw, o_sn, o_sp, o_sc, s_sn, s_sp, s_sc,
@@ -138,7 +140,7 @@ def _conv3x3_kernel(src, w, out, s, mean, var, gamma, beta, part_g, part_gx, M, 
 
 
 # BLOCK_M tiles the output channels, BLOCK_N the input channels, BLOCK_K the pixel rows.
-@autotune(WGRAD3X3_TILES, key=["M", "K", "PREC"])
+@autotune(WGRAD3X3_TILES, key=["M", "K", "PREC"], lean=WGRAD3X3_LEAN)
 @triton.jit
 def _wgrad3x3_kernel(go, s, wpart, mean, var, gamma, beta, M, HW, H, Wd, K, rows_per_split, eps,
                      g_sn, g_sp, g_sc, s_sn, s_sc, s_sh, s_sw, PREC: tl.constexpr,

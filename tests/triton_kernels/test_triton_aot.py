@@ -34,8 +34,8 @@ def test_every_triton_launch_compiles_for_sm90(tmp_path):
     report = tmp_path / "aot.json"
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the script sets it to 0 itself; the JIT must not interpret
-    cmd = [sys.executable, str(ROOT / "scripts" / "triton_aot.py"), "--tier", "quick", "--self-test", "--no-table",
-           "--json", str(report)]
+    cmd = [sys.executable, str(ROOT / "scripts" / "triton_aot.py"), "--tier", "quick", "--self-test",
+           "--no-table", "--json", str(report)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)
     out = proc.stdout + proc.stderr
     assert "4 of 4 rule-breaking kernels caught" in out, out[-6000:]

@@ -179,12 +179,27 @@ def test_every_autotuned_kernel_is_wrapped():
             "_dz_wgrad_kernel"} <= names
 
 
+def test_register_bound_calls_take_lean_tiles():
+    """fp32 without TF32 (dot on FMAs) and NCHW activations choose among the tiles that do not
+    spill there on sm_90 (scripts/triton_aot.py); channels_last bf16 / TF32 among all of them."""
+    cl = torch.empty((2, 8, 4, 4)).contiguous(memory_format=torch.channels_last)
+    nchw = torch.empty((2, 8, 4, 4))
+    assert not common.register_bound((cl,), {"PREC": "tf32"})
+    assert not common.register_bound((cl.half(),), {"PREC": "ieee"})
+    assert common.register_bound((cl,), {"PREC": "ieee"})
+    assert common.register_bound((nchw.half(),), {"PREC": "ieee"})
+    kern = sys.modules["rla_ext.triton_kernels.gemm"]._dz_wgrad_kernel
+    assert kern.candidates((nchw,), {"PREC": "tf32"}) is kern.lean_configs
+    assert kern.candidates((cl,), {"PREC": "tf32"}) is kern.configs
+
+
 def test_autotune_key_buckets_pixel_count(monkeypatch):
     """A new batch size in the same power-of-two bucket of M reuses the tuned choice; with
     deterministic algorithms nothing is timed and the first configuration runs."""
     assert [common.bucket(m) for m in (1, 2, 3, 1000, 1024, 1025)] == [1, 2, 4, 1024, 1024, 2048]
     kern = op_a._fwd_kernel
     monkeypatch.setattr(kern, "configs", _two_configs())
+    monkeypatch.setattr(kern, "lean_configs", kern.configs)
     monkeypatch.setattr(kern, "cache", {})
     tuned = []
 
@@ -226,8 +241,9 @@ prefer = int(sys.argv[1])  # the configuration this process's "timing" finds fas
 for mod in (op_a, op_b, gemm):
     for kern in vars(mod).values():
         if isinstance(kern, common.Autotuned):
-            kern.configs = [triton.Config({"BLOCK_M": common.STAT_ROWS, "BLOCK_N": 16, "BLOCK_K": bk},
-                                          num_warps=1, num_stages=1) for bk in (16, 32)]
+            kern.configs = kern.lean_configs = [
+                triton.Config({"BLOCK_M": common.STAT_ROWS, "BLOCK_N": 16, "BLOCK_K": bk}, num_warps=1,
+                              num_stages=1) for bk in (16, 32)]
             kern.tune = lambda grid, args, kwargs, kern=kern: kern.configs[prefer]
 
 def digest():
