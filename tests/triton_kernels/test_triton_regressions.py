@@ -231,8 +231,11 @@ class torch_deterministic:
 
 _CHILD = """
 import hashlib, os, sys
-os.environ["TRITON_INTERPRET"] = "1"
-import torch, triton
+import torch
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+import triton
 from rla_ext.triton_kernels import common, gemm
 from rla_ext.triton_kernels import concat_conv_bn_act as op_a
 from rla_ext.triton_kernels import rla_update as op_b
@@ -248,7 +251,7 @@ for mod in (op_a, op_b, gemm):
 
 def digest():
     g = torch.Generator().manual_seed(0)
-    r = lambda *shape: torch.randn(shape, generator=g)
+    r = lambda *shape: torch.randn(shape, generator=g).to(DEVICE)
     x, h, w = r(2, 40, 6, 7), r(2, 8, 6, 7), r(20, 48) / 7
     gamma, beta = r(20).abs() + 0.5, r(20)
     out, z, m, v = op_a.forward(x, h, w, gamma, beta, None, None, 1e-5, True)
@@ -260,7 +263,7 @@ def digest():
     res += op_b.backward(torch.ones_like(out), hb, y, wo, gamma[:8], beta[:8], wr, s, m, v, True, 1e-5, True)
     digest = hashlib.sha256()
     for t in res:
-        digest.update(t.contiguous().numpy().tobytes())
+        digest.update(t.contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 free = digest()
@@ -272,10 +275,11 @@ print(free, digest())
 def test_deterministic_across_processes(tmp_path):
     """Two processes whose autotuning prefers different configurations (different BLOCK_K, hence a
     different summation order): with deterministic algorithms on, both give the same bits; without,
-    they differ, which shows the check can fail."""
+    they differ, which shows the check can fail. On a GPU when there is one, else the interpreter."""
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the child sets it when it has no GPU
     runs = []
     for prefer in (0, 1):
         proc = subprocess.run([sys.executable, str(script), str(prefer)], capture_output=True, text=True,
