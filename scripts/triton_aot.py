@@ -65,11 +65,11 @@ MAX_THREADS = 1024
 REGS_PER_SM = 65_536
 GRID_X_MAX = 2 ** 31 - 1
 GRID_YZ_MAX = 65_535
-# Spill bytes (stores + loads, per thread) allowed per kernel. ptxas spills a word or two by heuristic
+# Spill bytes (stores + loads, per thread) allowed per kernel. ptxas spills a few words by heuristic
 # even far below the 255-register limit (an elementwise kernel at 72 registers: 8 B stored, 8 B
-# reloaded), which costs a few L1 hits per thread, nothing next to a tile's global traffic. The
-# spills that matter are a tile that does not fit in registers (a kernel at 255 registers): those
-# ran from 300 B to 8 KB here, and land in the main loop. 64 B separates the two.
+# reloaded; GEMM tiles up to 64 B), a few L1 hits per thread, nothing next to a tile's global
+# traffic. A tile that does not fit in registers (kernels at 255 registers) spilled 72 B to 73 KB,
+# in the main loop, before the tile lists were fixed (issue 12). 64 B is the line between the two.
 DEFAULT_MAX_SPILL = 64
 K = 32  # the RLA hidden-state width
 _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
