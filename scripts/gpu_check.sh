@@ -14,6 +14,8 @@
 #   BENCH_COMPILE_MODE=max-autotune  BENCH_E2E_COMPILE_MODE=reduce-overhead
 #   BENCH_ARGS='...'        extra arguments for `python -m benchmarks`
 #   SKIP_BUILD=1            reuse an existing build
+#   BENCH=0                 stop after the tests (a second call with SKIP_BUILD=1 benchmarks)
+#   TESTS_FILTER='cuda or triton or gpu'  pytest -k for the tests step; TEST_WORKERS=12 TEST_TIMEOUT_S=240
 set -u
 
 cd "$(dirname "$0")/.."
@@ -55,6 +57,17 @@ step() {
     tail -n 5 "$LOGS/$name.log" | sed 's/^/   | /'
 }
 
+# The steps table, the benchmark report if any; exits 0 only when every step that ran exited 0.
+finish() {
+    echo
+    echo "== steps (exit code 124 = time limit)"
+    column -t -s $'\t' "$STEPS" 2>/dev/null || cat "$STEPS"
+    [ -f "$RESULTS/bench/results.md" ] && cat "$RESULTS/bench/results.md"
+    echo "results and logs in $RESULTS ($((SECONDS - START)) s)"
+    awk -F'\t' 'NR > 1 && $2 != "0" && $2 != "skipped" { bad = 1 } END { exit bad }' "$STEPS"
+    exit
+}
+
 {
     echo "date: $(date -Is)"
     echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) modified files"
@@ -73,7 +86,14 @@ cp "$LOGS/info.log" "$RESULTS/build_info.json" 2>/dev/null || true
 
 # The CPU stand-ins for a GPU (the CUDA emulator, the sm_90 compile of every Triton launch) are left
 # to CPU CI: here the same kernels run for real (tests/csrc/test_cuda_kernels.py, tests/triton_kernels).
-step tests "${TESTS_S:-150}" "$PY" -m pytest -q tests -ra --durations=15 --junitxml="$RESULTS/junit.xml" \
+# The CPU-only tests are CI's; here the tests that touch the GPU run, spread over the cores (xdist:
+# Triton's JIT and the autotuner's first timings are CPU-bound), each under a time limit.
+workers=()
+if "$PY" -c "import xdist" 2> /dev/null; then workers=(-n "${TEST_WORKERS:-12}"); fi
+timeout_arg=()
+if "$PY" -c "import pytest_timeout" 2> /dev/null; then timeout_arg=(--timeout "${TEST_TIMEOUT_S:-240}"); fi
+step tests "${TESTS_S:-150}" "$PY" -m pytest -q tests -rfEs --durations=15 --junitxml="$RESULTS/junit.xml" \
+    "${workers[@]}" "${timeout_arg[@]}" -k "${TESTS_FILTER:-cuda or triton or gpu}" \
     --ignore=tests/csrc/emulate --ignore=tests/triton_kernels/test_triton_aot.py
 
 SANITIZER=${SANITIZER:-auto}
@@ -88,6 +108,8 @@ elif [ "$SANITIZER" = 1 ]; then
     echo "== memcheck: compute-sanitizer not found"
 fi
 
+if [ "${BENCH:-1}" = 0 ]; then finish; fi
+
 # The benchmark stops starting new cases a minute before its hard limit and still writes its report.
 left=$(remaining)
 bench_minutes=$(awk -v s="$left" 'BEGIN { m = (s - 60) / 60; if (m < 0.5) m = 0.5; printf "%.1f", m }')
@@ -100,10 +122,4 @@ if [ -f "$RESULTS/bench/results.json" ]; then
     step auto_table 30 "$PY" -m benchmarks.auto_table "$RESULTS/bench/results.json" --out "$RESULTS/_auto_table.py"
 fi
 
-echo
-echo "== steps (exit code 124 = time limit)"
-column -t -s $'\t' "$STEPS" 2>/dev/null || cat "$STEPS"
-[ -f "$RESULTS/bench/results.md" ] && cat "$RESULTS/bench/results.md"
-echo "results and logs in $RESULTS ($((SECONDS - START)) s)"
-# Success only when every step that ran exited 0.
-awk -F'\t' 'NR > 1 && $2 != "0" && $2 != "skipped" { bad = 1 } END { exit bad }' "$STEPS"
+finish
