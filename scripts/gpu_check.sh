@@ -92,8 +92,12 @@ workers=()
 if "$PY" -c "import xdist" 2> /dev/null; then workers=(-n "${TEST_WORKERS:-12}"); fi
 timeout_arg=()
 if "$PY" -c "import pytest_timeout" 2> /dev/null; then timeout_arg=(--timeout "${TEST_TIMEOUT_S:-240}"); fi
-step tests "${TESTS_S:-150}" "$PY" -m pytest -q tests -rfEs --durations=15 --junitxml="$RESULTS/junit.xml" \
+# Failures are written to failures.txt as they happen (a step killed at its limit prints no summary);
+# the kernel tests go first so that a short budget still covers them.
+step tests "${TESTS_S:-150}" env PYTHONPATH=scripts FAILURE_LOG="$RESULTS/failures.txt" \
+    "$PY" -m pytest -p pytest_failure_log -q -rfEs --durations=15 --junitxml="$RESULTS/junit.xml" \
     "${workers[@]}" "${timeout_arg[@]}" -k "${TESTS_FILTER:-cuda or triton or gpu}" \
+    tests/csrc/test_cuda_kernels.py tests/triton_kernels tests/ops tests/nn tests/models tests \
     --ignore=tests/csrc/emulate --ignore=tests/triton_kernels/test_triton_aot.py
 
 SANITIZER=${SANITIZER:-auto}

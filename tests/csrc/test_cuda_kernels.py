@@ -15,7 +15,6 @@ from kernel_cases import (ALL_DTYPES, CCBA_GRADS, FORMATS, FWD_NAMES, UPDATE_GRA
                           ccba_reference, check_ccba, check_update, compare, fmt_of, randn, update_inputs,
                           update_kernels, update_reference)
 from rla_ext import _extension
-from rla_testing import HALF
 
 pytestmark = [
     pytest.mark.gpu,
@@ -90,12 +89,15 @@ needs_cpu_kernels = pytest.mark.skipif(not _extension.cpp_compiled(), reason="rl
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_cuda_matches_cpu_kernels(dtype, fmt, training):
+    # Below float64 both sides are held to the float64 reference, not to each other: the weight
+    # gradients sum over N*H*W pixels in a different order on each device (float32 on an H200:
+    # 12 of 18432 dweight elements 1.5e-4 apart, beyond a fixed tolerance, both equally right).
     n, c, k, co, hw = 8, 256, 32, 64, 28
     inp = ccba_inputs(n, c, k, co, hw, dtype, fmt)
     gout = randn(torch.Generator().manual_seed(7), n, co, hw, hw, dtype=dtype, fmt=fmt_of(fmt))
     cu = ccba_kernels(inp, training, True, gout)
     cpu = ccba_kernels(inp, training, True, gout, device="cpu")
-    r64 = ccba_reference(inp, training, True, gout, torch.float64) if dtype in HALF else (None, None)
+    r64 = ccba_reference(inp, training, True, gout, torch.float64) if dtype != torch.float64 else (None, None)
     compare([t.cpu() for t in cu[0]], cpu[0], [t.cpu() for t in r64[0]] if r64[0] else None, dtype, FWD_NAMES)
     compare([t.cpu() for t in cu[1]], cpu[1], [t.cpu() for t in r64[1]] if r64[1] else None, dtype, CCBA_GRADS)
 
@@ -103,7 +105,7 @@ def test_cuda_matches_cpu_kernels(dtype, fmt, training):
     gout = randn(torch.Generator().manual_seed(7), 8, 32, 14, 14, dtype=dtype, fmt=fmt_of(fmt))
     cu = update_kernels(inp, True, training, gout)
     cpu = update_kernels(inp, True, training, gout, device="cpu")
-    r64 = update_reference(inp, True, training, gout, torch.float64) if dtype in HALF else (None, None)
+    r64 = update_reference(inp, True, training, gout, torch.float64) if dtype != torch.float64 else (None, None)
     compare([t.cpu() for t in cu[0]], cpu[0], [t.cpu() for t in r64[0]] if r64[0] else None, dtype, FWD_NAMES)
     compare([t.cpu() for t in cu[1]], cpu[1], [t.cpu() for t in r64[1]] if r64[1] else None, dtype, UPDATE_GRADS)
 
