@@ -1,10 +1,11 @@
-"""Turn a benchmark run into the order in which ``auto`` tries the fused backends.
+"""Turn a benchmark run into the order in which ``auto`` tries the backends.
 
     python -m benchmarks.auto_table benchmarks/results/<run>/results.json            # print
     python -m benchmarks.auto_table benchmarks/results/<run>/results.json --write    # update rla_ext
 
-For each op and stage of the run (fwd+bwd rows that succeeded) the fused backends are ordered by
-median time; the entries of the run's device type replace the old ones in rla_ext/_auto_table.py,
+For each op and stage of the run (fwd+bwd rows that succeeded) the fused backends and the reference
+(the run's `eager` rows, backend "torch") are ordered by median time, so that where eager PyTorch was
+faster than every fused kernel ``auto`` runs the reference there; the entries of the run's device type replace the old ones in rla_ext/_auto_table.py,
 with the run's device, date and commit recorded beside them. Entries of other device types stay.
 """
 from __future__ import annotations
@@ -19,24 +20,26 @@ from benchmarks.shapes import stage_by_label
 from rla_ext import _auto_table
 
 FUSED = ("cpp", "cuda", "triton")
+# Benchmark provider -> backend name: the eager rows time the reference backend.
+BACKEND_OF = {**{b: b for b in FUSED}, "eager": "torch"}
 TABLE_PATH = Path(_auto_table.__file__)
 _BEGIN, _END = "# BEGIN GENERATED\n", "# END GENERATED\n"
 
 
 def preference_from_results(results: dict[str, Any]) -> dict[tuple[str, str, int], tuple[str, ...]]:
-    """(device type, op, size class) -> fused backends ordered by their fwd+bwd median time."""
+    """(device type, op, size class) -> backends (fused and "torch") ordered by fwd+bwd median time."""
     device = results["device_type"]
     times: dict[tuple[str, str, int], list[tuple[float, str]]] = defaultdict(list)
     for row in results["rows"]:
         if (row.get("kind") != "op" or row.get("pass") != "fwd+bwd" or row.get("status") != "ok"
-                or row.get("provider") not in FUSED or not row.get("time_ms")):
+                or row.get("provider") not in BACKEND_OF or not row.get("time_ms")):
             continue
         try:
             size = stage_by_label(row["shape"]).size
         except ValueError:  # not one of the stage shapes
             continue
         times[device, row["op"], _auto_table.size_class(size, size)].append((row["time_ms"]["median"],
-                                                                              row["provider"]))
+                                                                              BACKEND_OF[row["provider"]]))
     return {key: tuple(p for _, p in sorted(v)) for key, v in sorted(times.items())}
 
 

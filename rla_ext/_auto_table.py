@@ -1,18 +1,32 @@
-"""Measured order of the fused backends that ``auto`` tries, per device type, op and size class.
+"""Measured order of the backends that ``auto`` tries, per device type, op and size class.
 
 Written by ``python -m benchmarks.auto_table RESULTS.json`` from a benchmark run (fwd+bwd medians);
-do not edit by hand. A call whose (device type, op, size class) has no entry tries the backends in
-the static order of ``rla_ext._backend`` (cuda before triton on GPUs, cpp on CPUs).
+do not edit by hand. The order holds the fused backends and the reference ("torch"): where eager
+PyTorch was faster than every fused kernel, ``auto`` runs the reference. A call whose (device type,
+op, size class) has no entry tries the backends in the static order of ``rla_ext._backend`` (cuda
+before triton on GPUs, cpp on CPUs).
 
-Empty so far: no GPU benchmark has been run yet, and on the CPU only one fused backend exists.
+cuda: one H200 run (bf16, batch 128, channels_last; benchmarks/results/h200-2026-11-30), where the
+reference beat both fused backends at every stage but rla_update at 14x14. cpu: no entry yet.
 """
 from __future__ import annotations
 
 # SOURCES: {device type: {"device", "date", "commit"}} of the run its entries came from.
-# PREFERENCE: (device type, op, size class) -> fused backends, fastest first (see size_class()).
+# PREFERENCE: (device type, op, size class) -> backends, fastest first (see size_class()).
 # BEGIN GENERATED
-SOURCES: dict[str, dict[str, str]] = {}
-PREFERENCE: dict[tuple[str, str, int], tuple[str, ...]] = {}
+SOURCES: dict[str, dict[str, str]] = {
+    'cuda': {'device': 'NVIDIA H200', 'date': '2026-11-30T16:58:59+00:00', 'commit': '714d11ab751acd396e41ee8a253b4a3bf0116db6'},
+}
+PREFERENCE: dict[tuple[str, str, int], tuple[str, ...]] = {
+    ('cuda', 'concat_conv_bn_act', 7): ('torch', 'cuda', 'triton'),
+    ('cuda', 'concat_conv_bn_act', 14): ('torch', 'cuda', 'triton'),
+    ('cuda', 'concat_conv_bn_act', 28): ('torch', 'cuda', 'triton'),
+    ('cuda', 'concat_conv_bn_act', 56): ('torch', 'triton', 'cuda'),
+    ('cuda', 'rla_update', 7): ('torch', 'cuda', 'triton'),
+    ('cuda', 'rla_update', 14): ('cuda', 'torch', 'triton'),
+    ('cuda', 'rla_update', 28): ('torch', 'cuda', 'triton'),
+    ('cuda', 'rla_update', 56): ('torch', 'cuda', 'triton'),
+}
 # END GENERATED
 
 # RLA-ResNet's stage sizes (at 224 px): a call belongs to the nearest one by pixel count, with the

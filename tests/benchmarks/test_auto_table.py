@@ -33,12 +33,22 @@ RESULTS = {
 }
 
 
-def test_preference_orders_fused_backends_by_fwd_bwd_median():
+def test_preference_orders_backends_by_fwd_bwd_median():
     assert auto_table.preference_from_results(RESULTS) == {
         ("cuda", "concat_conv_bn_act", 56): ("cuda",),
         ("cuda", "rla_update", 7): ("cuda", "triton"),
-        ("cuda", "rla_update", 28): ("triton", "cuda"),
+        ("cuda", "rla_update", 28): ("triton", "cuda", "torch"),
     }
+
+
+def test_reference_first_where_eager_was_fastest():
+    """A fused path slower than eager is a bug, and `auto` must not take it: where the run's eager row
+    beat every fused backend, the reference leads the order."""
+    op, shape = "concat_conv_bn_act", "C1024xH14"
+    rows = [_row(op, shape, "eager", 0.7), _row(op, shape, "cuda", 1.3), _row(op, shape, "triton", 2.0),
+            _row(op, shape, "compile", 0.1)]
+    pref = auto_table.preference_from_results(dict(RESULTS, rows=rows))
+    assert pref == {("cuda", "concat_conv_bn_act", 14): ("torch", "cuda", "triton")}  # compile is no backend
 
 
 def _load(text: str) -> dict:
@@ -67,5 +77,5 @@ def test_cli_writes_the_table_module(tmp_path):
     results.write_text(json.dumps(RESULTS))
     out = tmp_path / "_auto_table.py"
     assert auto_table.main([str(results), "--out", str(out)]) == 0
-    assert _load(out.read_text())["PREFERENCE"][("cuda", "rla_update", 28)] == ("triton", "cuda")
+    assert _load(out.read_text())["PREFERENCE"][("cuda", "rla_update", 28)] == ("triton", "cuda", "torch")
     assert auto_table.TABLE_PATH.read_text() != out.read_text()  # the package's table is left alone

@@ -224,8 +224,16 @@ def test_int64_indexing_beyond_2_31_elements():
         torch.testing.assert_close(m, ref_fwd[2], rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(v, ref_fwd[3], rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(bwd[0][tail].float(), ref_bwd[0], **tol)  # dh
-        torch.testing.assert_close(bwd[4] / reps, ref_bwd[4], rtol=2e-2, atol=2e-2)  # dgamma
-        torch.testing.assert_close(bwd[5] / reps, ref_bwd[5], rtol=2e-2, atol=2e-2)  # dbeta
+        # dgamma and dbeta sum over every pixel, so they check the whole batch, not only its tail. Their
+        # error against the float32 composition is bf16's (the saved pre-BN tensor is bf16): on an H200
+        # 0.31 at a largest value of 97, the same as the CPU kernels' on the base batch alone; so they
+        # are held to that scale, and to the same kernels on the base batch by a tighter one.
+        _, base_bwd = update_kernels(inp, False, True, gout)
+        for i, name in ((4, "dgamma"), (5, "dbeta")):
+            scale = ref_bwd[i].abs().max().item()
+            label = lambda m, n=name: f"{n}: {m}"  # noqa: E731
+            torch.testing.assert_close(bwd[i] / reps, ref_bwd[i], rtol=0, atol=1e-2 * scale, msg=label)
+            torch.testing.assert_close(bwd[i] / reps, base_bwd[i], rtol=0, atol=2e-3 * scale, msg=label)
         del out, s, bwd
         torch.cuda.empty_cache()
 
