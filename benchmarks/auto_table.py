@@ -3,7 +3,7 @@
     python -m benchmarks.auto_table benchmarks/results/<run>/results.json            # print
     python -m benchmarks.auto_table benchmarks/results/<run>/results.json --write    # update rla_ext
 
-For each op and stage of the run (fwd+bwd rows that succeeded) the fused backends and the reference
+For each op, stage and pass of the run (fwd and fwd+bwd rows that succeeded) the fused backends and the reference
 (the run's `eager` rows, backend "torch") are ordered by median time, so that where eager PyTorch was
 faster than every fused kernel ``auto`` runs the reference there; the entries of the run's device type replace the old ones in rla_ext/_auto_table.py,
 with the run's device, date and commit recorded beside them. Entries of other device types stay.
@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bytes_model import PASSES
 from benchmarks.shapes import stage_by_label
 from rla_ext import _auto_table
 
@@ -26,30 +27,32 @@ TABLE_PATH = Path(_auto_table.__file__)
 _BEGIN, _END = "# BEGIN GENERATED\n", "# END GENERATED\n"
 
 
-def preference_from_results(results: dict[str, Any]) -> dict[tuple[str, str, int], tuple[str, ...]]:
-    """(device type, op, size class) -> backends (fused and "torch") ordered by fwd+bwd median time."""
+Key = tuple[str, str, int, str]  # (device type, op, size class, pass)
+
+
+def preference_from_results(results: dict[str, Any]) -> dict[Key, tuple[str, ...]]:
+    """(device type, op, size class, pass) -> backends (fused and "torch") ordered by median time."""
     device = results["device_type"]
-    times: dict[tuple[str, str, int], list[tuple[float, str]]] = defaultdict(list)
+    times: dict[Key, list[tuple[float, str]]] = defaultdict(list)
     for row in results["rows"]:
-        if (row.get("kind") != "op" or row.get("pass") != "fwd+bwd" or row.get("status") != "ok"
+        if (row.get("kind") != "op" or row.get("pass") not in PASSES or row.get("status") != "ok"
                 or row.get("provider") not in BACKEND_OF or not row.get("time_ms")):
             continue
         try:
             size = stage_by_label(row["shape"]).size
         except ValueError:  # not one of the stage shapes
             continue
-        times[device, row["op"], _auto_table.size_class(size, size)].append((row["time_ms"]["median"],
-                                                                              BACKEND_OF[row["provider"]]))
+        key = (device, row["op"], _auto_table.size_class(size, size), row["pass"])
+        times[key].append((row["time_ms"]["median"], BACKEND_OF[row["provider"]]))
     return {key: tuple(p for _, p in sorted(v)) for key, v in sorted(times.items())}
 
 
-def render(sources: dict[str, dict[str, str]], preference: dict[tuple[str, str, int], tuple[str, ...]],
-           text: str) -> str:
+def render(sources: dict[str, dict[str, str]], preference: dict[Key, tuple[str, ...]], text: str) -> str:
     """`text` (the table module) with its generated section replaced."""
     start, end = text.index(_BEGIN) + len(_BEGIN), text.index(_END)
     lines = ["SOURCES: dict[str, dict[str, str]] = {"]
     lines += [f"    {k!r}: {v!r}," for k, v in sources.items()]
-    lines += ["}", "PREFERENCE: dict[tuple[str, str, int], tuple[str, ...]] = {"]
+    lines += ["}", "PREFERENCE: dict[tuple[str, str, int, str], tuple[str, ...]] = {"]
     lines += [f"    {k!r}: {v!r}," for k, v in preference.items()]
     lines += ["}"]
     return text[:start] + "\n".join(lines) + "\n" + text[end:]
@@ -59,7 +62,8 @@ def updated_table(results: dict[str, Any], text: str) -> str:
     device = results["device_type"]
     namespace: dict[str, Any] = {}
     exec(text[text.index(_BEGIN):text.index(_END)], namespace)  # noqa: S102  (our own generated literals)
-    preference = {k: v for k, v in namespace["PREFERENCE"].items() if k[0] != device}
+    # Entries of this device type are replaced, and so are those of an older format (no pass).
+    preference = {k: v for k, v in namespace["PREFERENCE"].items() if k[0] != device and len(k) == 4}
     preference.update(preference_from_results(results))
     sources = {k: v for k, v in namespace["SOURCES"].items() if k != device}
     sources[device] = {"device": str(results.get("device_name")), "date": str(results.get("date")),

@@ -1,31 +1,59 @@
-"""Measured order of the backends that ``auto`` tries, per device type, op and size class.
+"""Measured order of the backends that ``auto`` tries, per device type, op, size class and pass.
 
-Written by ``python -m benchmarks.auto_table RESULTS.json`` from a benchmark run (fwd+bwd medians);
-do not edit by hand. The order holds the fused backends and the reference ("torch"): where eager
-PyTorch was faster than every fused kernel, ``auto`` runs the reference. A call whose (device type,
-op, size class) has no entry tries the backends in the static order of ``rla_ext._backend`` (cuda
-before triton on GPUs, cpp on CPUs).
+Written by ``python -m benchmarks.auto_table RESULTS.json`` from a benchmark run (medians of its fwd
+and fwd+bwd rows); do not edit by hand. The order holds the fused backends and the reference
+("torch"): where eager PyTorch was faster than every fused kernel, ``auto`` runs the reference. The
+pass is "fwd+bwd" while autograd records and "fwd" under no_grad / inference_mode. A call whose key
+has no entry tries the backends in the static order of ``rla_ext._backend`` (cuda before triton on
+GPUs, cpp on CPUs).
 
-cuda: one H200 run (bf16, batch 128, channels_last; benchmarks/results/h200-2026-11-30), where the
-reference beat both fused backends at every stage but rla_update at 14x14. cpu: no entry yet.
+cuda: one H200 run (bf16, batch 128, channels_last; benchmarks/results/h200-2026-11-30): the reference
+beat both fused backends nearly everywhere. cpu: one 2-core AMD EPYC run (float32, batch 8,
+channels_last; benchmarks/results/cpu-2core-2026-11-30): cpp wins every forward and concat+1x1
+training at 56 and 28; the reference wins rla_update training and concat+1x1 training at 14 and 7.
 """
 from __future__ import annotations
 
 # SOURCES: {device type: {"device", "date", "commit"}} of the run its entries came from.
-# PREFERENCE: (device type, op, size class) -> backends, fastest first (see size_class()).
+# PREFERENCE: (device type, op, size class, "fwd" | "fwd+bwd") -> backends, fastest first (see size_class()).
 # BEGIN GENERATED
 SOURCES: dict[str, dict[str, str]] = {
     'cuda': {'device': 'NVIDIA H200', 'date': '2026-11-30T16:58:59+00:00', 'commit': '714d11ab751acd396e41ee8a253b4a3bf0116db6'},
+    'cpu': {'device': 'AMD EPYC (2 threads)', 'date': '2026-11-30T17:11:09+00:00', 'commit': '0c37c9b1e9ed499562da08b623db08c7bbca02b0'},
 }
-PREFERENCE: dict[tuple[str, str, int], tuple[str, ...]] = {
-    ('cuda', 'concat_conv_bn_act', 7): ('torch', 'cuda', 'triton'),
-    ('cuda', 'concat_conv_bn_act', 14): ('torch', 'cuda', 'triton'),
-    ('cuda', 'concat_conv_bn_act', 28): ('torch', 'cuda', 'triton'),
-    ('cuda', 'concat_conv_bn_act', 56): ('torch', 'triton', 'cuda'),
-    ('cuda', 'rla_update', 7): ('torch', 'cuda', 'triton'),
-    ('cuda', 'rla_update', 14): ('cuda', 'torch', 'triton'),
-    ('cuda', 'rla_update', 28): ('torch', 'cuda', 'triton'),
-    ('cuda', 'rla_update', 56): ('torch', 'cuda', 'triton'),
+PREFERENCE: dict[tuple[str, str, int, str], tuple[str, ...]] = {
+    ('cpu', 'concat_conv_bn_act', 7, 'fwd'): ('cpp', 'torch'),
+    ('cpu', 'concat_conv_bn_act', 7, 'fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'concat_conv_bn_act', 14, 'fwd'): ('cpp', 'torch'),
+    ('cpu', 'concat_conv_bn_act', 14, 'fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'concat_conv_bn_act', 28, 'fwd'): ('cpp', 'torch'),
+    ('cpu', 'concat_conv_bn_act', 28, 'fwd+bwd'): ('cpp', 'torch'),
+    ('cpu', 'concat_conv_bn_act', 56, 'fwd'): ('cpp', 'torch'),
+    ('cpu', 'concat_conv_bn_act', 56, 'fwd+bwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update', 7, 'fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update', 7, 'fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update', 14, 'fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update', 14, 'fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update', 28, 'fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update', 28, 'fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update', 56, 'fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update', 56, 'fwd+bwd'): ('torch', 'cpp'),
+    ('cuda', 'concat_conv_bn_act', 7, 'fwd'): ('torch', 'cuda', 'triton'),
+    ('cuda', 'concat_conv_bn_act', 7, 'fwd+bwd'): ('torch', 'cuda', 'triton'),
+    ('cuda', 'concat_conv_bn_act', 14, 'fwd'): ('torch', 'triton', 'cuda'),
+    ('cuda', 'concat_conv_bn_act', 14, 'fwd+bwd'): ('torch', 'cuda', 'triton'),
+    ('cuda', 'concat_conv_bn_act', 28, 'fwd'): ('torch', 'triton', 'cuda'),
+    ('cuda', 'concat_conv_bn_act', 28, 'fwd+bwd'): ('torch', 'cuda', 'triton'),
+    ('cuda', 'concat_conv_bn_act', 56, 'fwd'): ('triton', 'torch', 'cuda'),
+    ('cuda', 'concat_conv_bn_act', 56, 'fwd+bwd'): ('torch', 'triton', 'cuda'),
+    ('cuda', 'rla_update', 7, 'fwd'): ('torch', 'cuda', 'triton'),
+    ('cuda', 'rla_update', 7, 'fwd+bwd'): ('torch', 'cuda', 'triton'),
+    ('cuda', 'rla_update', 14, 'fwd'): ('torch', 'cuda', 'triton'),
+    ('cuda', 'rla_update', 14, 'fwd+bwd'): ('cuda', 'torch', 'triton'),
+    ('cuda', 'rla_update', 28, 'fwd'): ('torch', 'cuda', 'triton'),
+    ('cuda', 'rla_update', 28, 'fwd+bwd'): ('torch', 'cuda', 'triton'),
+    ('cuda', 'rla_update', 56, 'fwd'): ('torch', 'triton', 'cuda'),
+    ('cuda', 'rla_update', 56, 'fwd+bwd'): ('torch', 'cuda', 'triton'),
 }
 # END GENERATED
 

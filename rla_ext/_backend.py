@@ -133,11 +133,16 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b for b in order if unavailable_reason(b, device) is None]
 
 
-def auto_candidates(device_type: str, op: str | None = None, size: tuple[int, int] | None = None) -> list[str]:
-    """The backends "auto" tries, in order, for `op` on (height, width) activations on `device_type`."""
+def auto_candidates(device_type: str, op: str | None = None, size: tuple[int, int] | None = None,
+                    pass_: str | None = None) -> list[str]:
+    """The backends "auto" tries, in order, for `op` on (height, width) activations on `device_type`,
+    for a call whose pass is `pass_` ("fwd" or "fwd+bwd"; default: "fwd+bwd" while autograd records,
+    "fwd" under no_grad / inference_mode, since the fastest backend differs between the two)."""
     order: list[str] = []
     if op is not None and size is not None:
-        key = (device_type, op, _auto_table.size_class(*size))
+        if pass_ is None:
+            pass_ = "fwd+bwd" if torch.is_grad_enabled() else "fwd"
+        key = (device_type, op, _auto_table.size_class(*size), pass_)
         order += [b for b in _auto_table.PREFERENCE.get(key, ()) if b in BACKENDS]
     return order + [b for b in _AUTO_ORDER.get(device_type, ("torch",)) if b not in order]
 
@@ -145,7 +150,8 @@ def auto_candidates(device_type: str, op: str | None = None, size: tuple[int, in
 def resolve(name: str | None, device: torch.device, op: str | None = None,
             size: tuple[int, int] | None = None) -> str:
     """The concrete backend for a call on `device`: checks availability, expands "auto" (for `op` on
-    activations of spatial `size`, when given, in the measured order of rla_ext._auto_table)."""
+    activations of spatial `size`, when given, in the measured order of rla_ext._auto_table for the
+    pass autograd's state implies; see auto_candidates)."""
     name = get_backend() if name is None else _check_name(name)
     if name == "auto":
         for candidate in auto_candidates(device.type, op, size):

@@ -102,8 +102,8 @@ def test_auto_follows_the_measured_table_per_op_and_size(monkeypatch):
     from rla_ext import _auto_table
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(_auto_table, "PREFERENCE", {("cpu", "rla_update", 28): ("triton", "cpp"),
-                                                    ("cpu", "rla_update", 7): ("cuda", "cpp")})
+    monkeypatch.setattr(_auto_table, "PREFERENCE", {("cpu", "rla_update", 28, "fwd+bwd"): ("triton", "cpp"),
+                                                    ("cpu", "rla_update", 7, "fwd+bwd"): ("cuda", "cpp")})
     assert _backend.resolve("auto", cpu, "rla_update", (28, 28)) == "triton"
     assert _backend.resolve("auto", cpu, "rla_update", (30, 26)) == "triton"  # same size class
     assert _backend.resolve("auto", cpu, "rla_update", (14, 14)) == "cpp"  # no entry: static order
@@ -111,3 +111,20 @@ def test_auto_follows_the_measured_table_per_op_and_size(monkeypatch):
     assert _backend.resolve("auto", cpu, "rla_update", (7, 7)) == "cpp"  # unavailable entries fall through
     assert _backend.resolve("auto", cpu) == "cpp"  # no op given
     assert _backend.resolve("cpp", cpu, "rla_update", (28, 28)) == "cpp"  # explicit names are not reordered
+
+
+def test_auto_takes_the_forward_entry_without_autograd(monkeypatch):
+    """Inference (no_grad / inference_mode) and training are timed apart, and the fastest backend
+    differs (on the CPU cpp wins every forward but loses some training passes to the reference)."""
+    from rla_ext import _auto_table
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(_auto_table, "PREFERENCE", {("cpu", "rla_update", 28, "fwd+bwd"): ("torch", "cpp"),
+                                                    ("cpu", "rla_update", 28, "fwd"): ("cpp", "torch")})
+    expected_fwd = "cpp" if "cpp" in rla_ext.available_backends("cpu") else "torch"
+    assert _backend.resolve("auto", cpu, "rla_update", (28, 28)) == "torch"
+    with torch.no_grad():
+        assert _backend.resolve("auto", cpu, "rla_update", (28, 28)) == expected_fwd
+    with torch.inference_mode():
+        assert _backend.resolve("auto", cpu, "rla_update", (28, 28)) == expected_fwd
+    assert _backend.auto_candidates("cpu", "rla_update", (28, 28), "fwd")[0] == "cpp"

@@ -25,7 +25,7 @@ RESULTS = {
         _row("rla_update", "C512xH28", "triton", 0.4),
         _row("rla_update", "C2048xH7", "cuda", 0.2),
         _row("rla_update", "C2048xH7", "triton", 0.3),
-        _row("rla_update", "C2048xH7", "triton", 0.01, pass_="fwd"),  # forward only: ignored
+        _row("rla_update", "C2048xH7", "triton", 0.01, pass_="fwd"),  # forward only: its own entry
         _row("concat_conv_bn_act", "C256xH56", "cuda", 2.0),
         _row("concat_conv_bn_act", "C256xH56", "triton", None, status="error"),  # failed: left out
         {"kind": "e2e", "op": "rla_resnet50", "provider": "cuda", "status": "ok", "time_ms": {"median": 9.0}},
@@ -35,9 +35,10 @@ RESULTS = {
 
 def test_preference_orders_backends_by_fwd_bwd_median():
     assert auto_table.preference_from_results(RESULTS) == {
-        ("cuda", "concat_conv_bn_act", 56): ("cuda",),
-        ("cuda", "rla_update", 7): ("cuda", "triton"),
-        ("cuda", "rla_update", 28): ("triton", "cuda", "torch"),
+        ("cuda", "concat_conv_bn_act", 56, "fwd+bwd"): ("cuda",),
+        ("cuda", "rla_update", 7, "fwd"): ("triton",),
+        ("cuda", "rla_update", 7, "fwd+bwd"): ("cuda", "triton"),
+        ("cuda", "rla_update", 28, "fwd+bwd"): ("triton", "cuda", "torch"),
     }
 
 
@@ -48,7 +49,7 @@ def test_reference_first_where_eager_was_fastest():
     rows = [_row(op, shape, "eager", 0.7), _row(op, shape, "cuda", 1.3), _row(op, shape, "triton", 2.0),
             _row(op, shape, "compile", 0.1)]
     pref = auto_table.preference_from_results(dict(RESULTS, rows=rows))
-    assert pref == {("cuda", "concat_conv_bn_act", 14): ("torch", "cuda", "triton")}  # compile is no backend
+    assert pref == {("cuda", "concat_conv_bn_act", 14, "fwd+bwd"): ("torch", "cuda", "triton")}  # compile: no backend
 
 
 def _load(text: str) -> dict:
@@ -65,7 +66,7 @@ def test_update_replaces_the_device_and_keeps_the_others(tmp_path):
     stale = dict(RESULTS, rows=[_row("rla_update", "C256xH56", "cuda", 1.0)])
     text = auto_table.updated_table(stale, text)
     table = _load(auto_table.updated_table(RESULTS, text))
-    assert table["PREFERENCE"] == {("cpu", "rla_update", 28): ("cpp",),
+    assert table["PREFERENCE"] == {("cpu", "rla_update", 28, "fwd+bwd"): ("cpp",),
                                    **auto_table.preference_from_results(RESULTS)}
     assert table["SOURCES"]["cuda"] == {"device": "Some GPU", "date": "2026-01-01T00:00:00", "commit": "abc"}
     assert table["SOURCES"]["cpu"]["commit"] == "c0"
@@ -77,5 +78,5 @@ def test_cli_writes_the_table_module(tmp_path):
     results.write_text(json.dumps(RESULTS))
     out = tmp_path / "_auto_table.py"
     assert auto_table.main([str(results), "--out", str(out)]) == 0
-    assert _load(out.read_text())["PREFERENCE"][("cuda", "rla_update", 28)] == ("triton", "cuda", "torch")
+    assert _load(out.read_text())["PREFERENCE"][("cuda", "rla_update", 28, "fwd+bwd")] == ("triton", "cuda", "torch")
     assert auto_table.TABLE_PATH.read_text() != out.read_text()  # the package's table is left alone
