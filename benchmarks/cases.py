@@ -2,8 +2,10 @@
 
 A case is a module in training mode plus its inputs and output gradients, built for one
 *provider*: ``eager`` (the ``torch`` reference backend), ``compile`` (torch.compile of the
-reference) or a fused backend name (``cpp``, ``cuda``, ``triton``). Every provider of a case gets
-the same seeded data, so the providers differ only in how the op is computed.
+reference), a fused backend name (``cpp``, ``cuda``, ``triton``) or ``compile+<fused backend>``
+(torch.compile of the module whose ops run that backend: the fused ops as opaque custom ops inside
+Inductor's graph, what a user who compiles a model built with ``backend="cpp"`` gets). Every
+provider of a case gets the same seeded data, so the providers differ only in how the op is computed.
 
 Weights are modules' parameters and running statistics their buffers, as in a real network: that
 is what lets torch.compile treat them as static (CUDA graphs are skipped for mutated plain inputs).
@@ -27,6 +29,13 @@ OPS = ("concat_conv_bn_act", "rla_update")
 PASSES = bytes_model.PASSES
 EAGER, COMPILE = "eager", "compile"
 FUSED_BACKENDS = tuple(b for b in rla_ext.BACKENDS if b != "torch")
+COMPILED_FUSED = tuple(f"{COMPILE}+{b}" for b in FUSED_BACKENDS)
+PROVIDERS = (EAGER, COMPILE) + FUSED_BACKENDS + COMPILED_FUSED
+
+
+def is_compiled(provider: str) -> bool:
+    """Whether a provider runs under torch.compile (``compile`` or ``compile+<backend>``)."""
+    return provider == COMPILE or provider.startswith(COMPILE + "+")
 
 
 class CaseUnavailable(RuntimeError):
@@ -84,7 +93,8 @@ class RlaUpdate(nn.Module):
 
 
 def providers(device: torch.device | str, include_interpreted: bool = False) -> list[str]:
-    """Providers that can run on `device`: eager, compile, then every available fused backend.
+    """Providers that can run on `device`: eager, compile, every available fused backend, then each
+    of those compiled (``compile+<backend>``).
 
     Triton on a CPU only runs through its interpreter, which is a correctness tool, not a
     performance path, so it is left out unless asked for.
@@ -93,19 +103,20 @@ def providers(device: torch.device | str, include_interpreted: bool = False) -> 
     fused = [b for b in rla_ext.available_backends(dev) if b in FUSED_BACKENDS]
     if dev.type == "cpu" and not include_interpreted:
         fused = [b for b in fused if b != "triton"]
-    return [EAGER, COMPILE, *fused]
+    return [EAGER, COMPILE, *fused, *(f"{COMPILE}+{b}" for b in fused)]
 
 
 def check_provider(provider: str, device: torch.device) -> str:
     """The rla_ext backend a provider runs on; raises CaseUnavailable with the reason if it cannot."""
     if provider in (EAGER, COMPILE):
         return "torch"
-    if provider not in FUSED_BACKENDS:
-        raise ValueError(f"provider: expected one of {(EAGER, COMPILE) + FUSED_BACKENDS}, got {provider!r}")
-    reason = rla_ext._backend.unavailable_reason(provider, device)
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
+    backend = provider.removeprefix(COMPILE + "+")
+    reason = rla_ext._backend.unavailable_reason(backend, device)
     if reason is not None:
         raise CaseUnavailable(reason)
-    return provider
+    return backend
 
 
 def default_compile_mode(device: torch.device) -> str:
@@ -211,7 +222,7 @@ def make_op_case(op: str, stage: Stage, provider: str, *, batch: int, dtype: tor
             return bytes_model.rla_update_traffic(n, c, k, s * s, dtype, pass_)
     else:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
-    fn = compile_module(module, device, compile_mode) if provider == COMPILE else module
+    fn = compile_module(module, device, compile_mode) if is_compiled(provider) else module
     return Case(name=op, provider=provider, label=stage.label, fn=fn, inputs=inputs,
                 params=tuple(module.parameters()), grad_outputs=(grad_out,), traffic=traffic,
                 meta={"batch": n, "channels": c, "size": s, "width": stage.width, "k": k})

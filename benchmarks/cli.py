@@ -1,7 +1,7 @@
 """``python -m benchmarks``: every available backend against eager and torch.compile, on this device.
 
-Rows: both fused ops x stage shapes x {fwd, fwd+bwd} x providers (eager, compile, fused backends),
-then, unless --quick, one RLA-ResNet-50 training step per provider beside a plain ResNet-50.
+Rows: both fused ops x stage shapes x {fwd, fwd+bwd} x providers (eager, compile, fused backends,
+and each fused backend under torch.compile: compile+cpp, ...), then, unless --quick, one RLA-ResNet-50 training step per provider beside a plain ResNet-50.
 Eager and fused ops run first, then their training steps, then the compiled ops and steps (the
 slow compilations), so a --max-minutes budget that runs out still leaves the core comparison. Nothing that fails inside a row stops the run: the
 row records the error.
@@ -47,9 +47,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "--quick: C512xH28,C2048xH7)")
     p.add_argument("--ops", default=",".join(cases.OPS), help="comma-separated ops (default: both)")
     p.add_argument("--passes", default=",".join(cases.PASSES), help="comma-separated: fwd, fwd+bwd")
-    p.add_argument("--providers", help="comma-separated subset of eager, compile, cpp, cuda, triton "
-                   "(default: eager, compile and every fused backend available on the device)")
-    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
+    p.add_argument("--providers", help="comma-separated subset of eager, compile, cpp, cuda, triton, "
+                   "compile+cpp, compile+cuda, compile+triton (default: eager, compile and every fused "
+                   "backend available on the device, plain and compiled)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
     p.add_argument("--compile-mode", help="torch.compile mode (default: max-autotune on cuda, default on cpu)")
     p.add_argument("--contiguous", action="store_true", help="NCHW-contiguous inputs instead of channels_last")
     p.add_argument("--warmup", type=int, help="untimed calls before timing on cpu (default 3, --quick 1)")
@@ -99,12 +100,11 @@ class Settings:
         self.passes = _choose(args.passes, cases.PASSES, "--passes")
         available = cases.providers(self.device, include_interpreted=args.include_interpreted)
         if args.providers:
-            self.providers = _choose(args.providers, (cases.EAGER, cases.COMPILE) + cases.FUSED_BACKENDS,
-                                     "--providers")
+            self.providers = _choose(args.providers, cases.PROVIDERS, "--providers")
         else:
             self.providers = tuple(available)
         if args.no_compile:
-            self.providers = tuple(p for p in self.providers if p != cases.COMPILE)
+            self.providers = tuple(p for p in self.providers if not cases.is_compiled(p))
         self.compile_mode = args.compile_mode or cases.default_compile_mode(self.device)
         self.channels_last = not args.contiguous
         self.warmup = args.warmup if args.warmup is not None else (1 if q else 3)
@@ -252,7 +252,7 @@ def run_e2e_cases(entries: Sequence[tuple[str, str]], cfg: Settings) -> list[Row
             continue
         built[model, provider] = ts
     if built:
-        warmup = 3 if any(p == cases.COMPILE for _, p in built) else 2
+        warmup = 3 if any(cases.is_compiled(p) for _, p in built) else 2
         try:
             timings = timing.time_interleaved({key: ts.step for key, ts in built.items()}, cfg.device,
                                               warmup=warmup, repeats=cfg.e2e_repeats, gpu_timer=timing.time_loop)
@@ -278,7 +278,7 @@ def run_e2e_cases(entries: Sequence[tuple[str, str]], cfg: Settings) -> list[Row
         except Exception as e:
             row["peak_mem_error"] = _error_text(e)
         # Not for compiled models: saved-tensor hooks would make dynamo trace (and autotune) them again.
-        if provider != cases.COMPILE:
+        if not cases.is_compiled(provider):
             try:
                 resident = {p.untyped_storage().data_ptr() for p in ts.model.parameters()}
                 row["saved_for_backward_bytes"] = timing.saved_for_backward_bytes(ts.forward_loss, resident)
@@ -323,8 +323,8 @@ def plan(cfg: Settings, bandwidth: dict[str, float]) -> list[Task]:
         label = " ".join(f"{m}:{p}" for m, p in entries)
         return Task(f"e2e {label}", lambda: run_e2e_cases(entries, cfg), skip)
 
-    compiled = [p for p in cfg.providers if p == cases.COMPILE]
-    plain = [p for p in cfg.providers if p != cases.COMPILE]
+    compiled = [p for p in cfg.providers if cases.is_compiled(p)]
+    plain = [p for p in cfg.providers if not cases.is_compiled(p)]
     tasks: list[Task] = []
     for providers in (plain, compiled):
         # Eager and the fused backends of one (op, stage) are timed against each other in one task;
@@ -342,7 +342,7 @@ def plan(cfg: Settings, bandwidth: dict[str, float]) -> list[Task]:
 
 
 def _sort_key() -> Callable[[Row], tuple]:
-    order = {p: i for i, p in enumerate((cases.EAGER, cases.COMPILE) + cases.FUSED_BACKENDS)}
+    order = {p: i for i, p in enumerate(cases.PROVIDERS)}
     shapes = {s.label: i for i, s in enumerate(STAGES)}
     ops = {o: i for i, o in enumerate(cases.OPS)}
     return lambda r: (r["kind"] != "op", ops.get(r["op"], len(ops)), r["op"], r["pass"],

@@ -22,7 +22,7 @@ from benchmarks import cases
 from benchmarks.cli import DTYPES
 from benchmarks.shapes import STAGES, stage_by_label
 
-ALL_PROVIDERS = (cases.EAGER, cases.COMPILE) + cases.FUSED_BACKENDS
+ALL_PROVIDERS = cases.PROVIDERS
 
 
 def bench_device() -> torch.device:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.cases import COMPILE, CaseUnavailable, check_provider, compile_module
+from benchmarks.cases import COMPILE, CaseUnavailable, check_provider, compile_module, is_compiled
 from benchmarks.shapes import RLA_CHANNELS
 
 # model key -> the rla_ext.models constructor it builds (the name reported in the results).
@@ -69,7 +69,7 @@ def make_train_step(model: str, provider: str, *, batch: int, dtype: torch.dtype
     images = torch.randn(batch, 3, image_size, image_size, device=device).to(dtype=dtype, memory_format=fmt)
     labels = torch.randint(0, num_classes, (batch,), device=device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    forward = compile_module(net, device, compile_mode) if provider == COMPILE else net
+    forward = compile_module(net, device, compile_mode) if is_compiled(provider) else net
 
     def forward_loss() -> torch.Tensor:
         return F.cross_entropy(forward(images), labels)

@@ -17,7 +17,7 @@ from benchmarks.model_step import make_train_step
 @pytest.mark.parametrize("model", ["plain", "rla"])
 def test_train_step(benchmark, case_cache, device, model, provider, dtype):
     gpu = device.type == "cuda"
-    if provider == cases.COMPILE and not gpu and os.environ.get("RLA_BENCH_MODEL_COMPILE") != "1":
+    if cases.is_compiled(provider) and not gpu and os.environ.get("RLA_BENCH_MODEL_COMPILE") != "1":
         pytest.skip("compiling ResNet-50 on CPU takes minutes; set RLA_BENCH_MODEL_COMPILE=1 to include it")
     batch, size = (128, 224) if gpu else (2, 64)
     ts = case_cache(("model", model, provider, dtype),

@@ -121,3 +121,19 @@ def test_cli_tiny_e2e_of_a_recurrent_cell_model(tmp_path):
     rows = {(r["op"], r["provider"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert set(rows) == {("rlagru_resnet50", "eager"), ("rlagru_resnet50", "cpp")}
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in rows.values()), rows
+
+
+def test_compiled_fused_providers():
+    """Every fused backend also runs under torch.compile (`compile+<backend>`): the peer to beat is
+    compile, and a user compiling a model built with a fused backend gets this."""
+    from benchmarks import cases
+
+    cpu = torch.device("cpu")
+    assert cases.is_compiled("compile") and cases.is_compiled("compile+cpp") and not cases.is_compiled("cpp")
+    if "cpp" in rla_ext.available_backends("cpu"):
+        assert cases.providers(cpu)[-1] == "compile+cpp"
+        assert cases.check_provider("compile+cpp", cpu) == "cpp"
+    with pytest.raises(cases.CaseUnavailable, match="CUDA"):
+        cases.check_provider("compile+cuda", cpu)
+    with pytest.raises(ValueError, match="provider"):
+        cases.check_provider("compile+torch", cpu)
