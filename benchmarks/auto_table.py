@@ -5,7 +5,10 @@
 
 For each op, stage and pass of the run (fwd and fwd+bwd rows that succeeded) the fused backends and the reference
 (the run's `eager` rows, backend "torch") are ordered by median time, so that where eager PyTorch was
-faster than every fused kernel ``auto`` runs the reference there; the entries of the run's device type replace the old ones in rla_ext/_auto_table.py,
+faster than every fused kernel ``auto`` runs the reference there. Rows measured under torch.compile
+(``compile``, ``compile+<backend>``) make entries of their own (pass "compiled fwd+bwd", ...), which
+``auto`` follows while torch.compile traces: the reference where Inductor's fusion of it beat the
+opaque fused op. The entries of the run's device type replace the old ones in rla_ext/_auto_table.py,
 with the run's device, date and commit recorded beside them. Entries of other device types stay.
 """
 from __future__ import annotations
@@ -21,8 +24,12 @@ from benchmarks.shapes import stage_by_label
 from rla_ext import _auto_table
 
 FUSED = ("cpp", "cuda", "triton")
-# Benchmark provider -> backend name: the eager rows time the reference backend.
-BACKEND_OF = {**{b: b for b in FUSED}, "eager": "torch"}
+# Benchmark provider -> (backend name, whether compiled): the eager rows time the reference backend,
+# the compile rows the reference under torch.compile (which Inductor decomposes and fuses), and the
+# compile+<backend> rows that backend's opaque custom ops inside the compiled graph.
+BACKEND_OF = {**{b: (b, False) for b in FUSED}, "eager": ("torch", False), "compile": ("torch", True),
+              **{f"compile+{b}": (b, True) for b in FUSED}}
+COMPILED = "compiled "  # prefix of the pass of an entry measured under torch.compile
 TABLE_PATH = Path(_auto_table.__file__)
 _BEGIN, _END = "# BEGIN GENERATED\n", "# END GENERATED\n"
 
@@ -42,9 +49,11 @@ def preference_from_results(results: dict[str, Any]) -> dict[Key, tuple[str, ...
             size = stage_by_label(row["shape"]).size
         except ValueError:  # not one of the stage shapes
             continue
-        key = (device, row["op"], _auto_table.size_class(size, size), row["pass"])
-        times[key].append((row["time_ms"]["median"], BACKEND_OF[row["provider"]]))
-    return {key: tuple(p for _, p in sorted(v)) for key, v in sorted(times.items())}
+        backend, compiled = BACKEND_OF[row["provider"]]
+        key = (device, row["op"], _auto_table.size_class(size, size), (COMPILED if compiled else "") + row["pass"])
+        times[key].append((row["time_ms"]["median"], backend))
+    # One measured backend orders nothing: such a key keeps the static order.
+    return {key: tuple(p for _, p in sorted(v)) for key, v in sorted(times.items()) if len(v) > 1}
 
 
 def render(sources: dict[str, dict[str, str]], preference: dict[Key, tuple[str, ...]], text: str) -> str:

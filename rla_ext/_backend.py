@@ -136,12 +136,14 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 def auto_candidates(device_type: str, op: str | None = None, size: tuple[int, int] | None = None,
                     pass_: str | None = None) -> list[str]:
     """The backends "auto" tries, in order, for `op` on (height, width) activations on `device_type`,
-    for a call whose pass is `pass_` ("fwd" or "fwd+bwd"; default: "fwd+bwd" while autograd records,
-    "fwd" under no_grad / inference_mode, since the fastest backend differs between the two)."""
+    for a call whose pass is `pass_` ("fwd" or "fwd+bwd", prefixed "compiled " under torch.compile;
+    default: "fwd+bwd" while autograd records, "fwd" under no_grad / inference_mode, each "compiled"
+    while torch.compile traces the call: the fastest backend differs between all four)."""
     order: list[str] = []
     if op is not None and size is not None:
         if pass_ is None:
-            pass_ = "fwd+bwd" if torch.is_grad_enabled() else "fwd"
+            pass_ = ("compiled " if torch.compiler.is_compiling() else "") + (
+                "fwd+bwd" if torch.is_grad_enabled() else "fwd")
         key = (device_type, op, _auto_table.size_class(*size), pass_)
         order += [b for b in _auto_table.PREFERENCE.get(key, ()) if b in BACKENDS]
     return order + [b for b in _AUTO_ORDER.get(device_type, ("torch",)) if b not in order]

@@ -128,3 +128,13 @@ def test_auto_takes_the_forward_entry_without_autograd(monkeypatch):
     with torch.inference_mode():
         assert _backend.resolve("auto", cpu, "rla_update", (28, 28)) == expected_fwd
     assert _backend.auto_candidates("cpu", "rla_update", (28, 28), "fwd")[0] == "cpp"
+
+
+def test_auto_takes_the_compiled_entry_while_torch_compile_traces(monkeypatch):
+    from rla_ext import _auto_table
+
+    monkeypatch.setattr(_auto_table, "PREFERENCE", {("cpu", "rla_update", 28, "fwd+bwd"): ("cpp", "torch"),
+                                                    ("cpu", "rla_update", 28, "compiled fwd+bwd"): ("torch", "cpp")})
+    assert _backend.auto_candidates("cpu", "rla_update", (28, 28))[0] == "cpp"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _backend.auto_candidates("cpu", "rla_update", (28, 28))[0] == "torch"

@@ -34,9 +34,7 @@ RESULTS = {
 
 
 def test_preference_orders_backends_by_fwd_bwd_median():
-    assert auto_table.preference_from_results(RESULTS) == {
-        ("cuda", "concat_conv_bn_act", 56, "fwd+bwd"): ("cuda",),
-        ("cuda", "rla_update", 7, "fwd"): ("triton",),
+    assert auto_table.preference_from_results(RESULTS) == {  # one backend in a key orders nothing: left out
         ("cuda", "rla_update", 7, "fwd+bwd"): ("cuda", "triton"),
         ("cuda", "rla_update", 28, "fwd+bwd"): ("triton", "cuda", "torch"),
     }
@@ -49,7 +47,7 @@ def test_reference_first_where_eager_was_fastest():
     rows = [_row(op, shape, "eager", 0.7), _row(op, shape, "cuda", 1.3), _row(op, shape, "triton", 2.0),
             _row(op, shape, "compile", 0.1)]
     pref = auto_table.preference_from_results(dict(RESULTS, rows=rows))
-    assert pref == {("cuda", "concat_conv_bn_act", 14, "fwd+bwd"): ("torch", "cuda", "triton")}  # compile: no backend
+    assert pref[("cuda", "concat_conv_bn_act", 14, "fwd+bwd")] == ("torch", "cuda", "triton")
 
 
 def _load(text: str) -> dict:
@@ -61,12 +59,12 @@ def _load(text: str) -> dict:
 def test_update_replaces_the_device_and_keeps_the_others(tmp_path):
     text = auto_table.TABLE_PATH.read_text()
     cpu_results = {"device_type": "cpu", "device_name": "CPU", "date": "d0", "git_commit": "c0",
-                   "rows": [_row("rla_update", "C512xH28", "cpp", 3.0)]}
+                   "rows": [_row("rla_update", "C512xH28", "cpp", 3.0), _row("rla_update", "C512xH28", "eager", 4.0)]}
     text = auto_table.updated_table(cpu_results, text)
     stale = dict(RESULTS, rows=[_row("rla_update", "C256xH56", "cuda", 1.0)])
     text = auto_table.updated_table(stale, text)
     table = _load(auto_table.updated_table(RESULTS, text))
-    assert table["PREFERENCE"] == {("cpu", "rla_update", 28, "fwd+bwd"): ("cpp",),
+    assert table["PREFERENCE"] == {("cpu", "rla_update", 28, "fwd+bwd"): ("cpp", "torch"),
                                    **auto_table.preference_from_results(RESULTS)}
     assert table["SOURCES"]["cuda"] == {"device": "Some GPU", "date": "2026-01-01T00:00:00", "commit": "abc"}
     assert table["SOURCES"]["cpu"]["commit"] == "c0"
@@ -80,3 +78,13 @@ def test_cli_writes_the_table_module(tmp_path):
     assert auto_table.main([str(results), "--out", str(out)]) == 0
     assert _load(out.read_text())["PREFERENCE"][("cuda", "rla_update", 28, "fwd+bwd")] == ("triton", "cuda", "torch")
     assert auto_table.TABLE_PATH.read_text() != out.read_text()  # the package's table is left alone
+
+
+def test_compiled_rows_make_their_own_entries():
+    """Under torch.compile the choice is between the opaque fused op and the reference, which
+    Inductor decomposes and fuses: the compile / compile+<backend> rows decide it, apart from eager."""
+    op, shape = "rla_update", "C2048xH7"
+    rows = [_row(op, shape, "eager", 1.0), _row(op, shape, "cpp", 0.9), _row(op, shape, "compile", 0.8),
+            _row(op, shape, "compile+cpp", 1.1)]
+    pref = auto_table.preference_from_results(dict(RESULTS, device_type="cpu", rows=rows))
+    assert pref == {("cpu", op, 7, "fwd+bwd"): ("cpp", "torch"), ("cpu", op, 7, "compiled fwd+bwd"): ("torch", "cpp")}
