@@ -7,10 +7,13 @@ pass is "fwd+bwd" while autograd records and "fwd" under no_grad / inference_mod
 has no entry tries the backends in the static order of ``rla_ext._backend`` (cuda before triton on
 GPUs, cpp on CPUs).
 
+Entries measured under torch.compile have the pass "compiled fwd" / "compiled fwd+bwd" and apply
+while torch.compile traces the call. The reference leads only where it was more than
+benchmarks.auto_table.REFERENCE_MARGIN faster.
+
 cuda: one H200 run (bf16, batch 128, channels_last; benchmarks/results/h200-2026-11-30): the reference
 beat both fused backends nearly everywhere. cpu: one 2-core AMD EPYC run (float32, batch 8,
-channels_last; benchmarks/results/cpu-2core-2026-11-30): cpp wins every forward and concat+1x1
-training at 56 and 28; the reference wins rla_update training and concat+1x1 training at 14 and 7.
+channels_last; benchmarks/results/cpu-2core-2026-11-30).
 """
 from __future__ import annotations
 
@@ -19,25 +22,41 @@ from __future__ import annotations
 # BEGIN GENERATED
 SOURCES: dict[str, dict[str, str]] = {
     'cuda': {'device': 'NVIDIA H200', 'date': '2026-11-30T16:58:59+00:00', 'commit': '714d11ab751acd396e41ee8a253b4a3bf0116db6'},
-    'cpu': {'device': 'AMD EPYC (2 threads)', 'date': '2026-11-30T17:11:09+00:00', 'commit': '0c37c9b1e9ed499562da08b623db08c7bbca02b0'},
+    'cpu': {'device': 'AMD EPYC (2 threads)', 'date': '2026-11-30T17:20:32+00:00', 'commit': 'c2f197de7b305e319b77d8ff46dc8c69e0eb01e6'},
 }
 PREFERENCE: dict[tuple[str, str, int, str], tuple[str, ...]] = {
+    ('cpu', 'concat_conv_bn_act', 7, 'compiled fwd'): ('cpp', 'torch'),
+    ('cpu', 'concat_conv_bn_act', 7, 'compiled fwd+bwd'): ('cpp', 'torch'),
     ('cpu', 'concat_conv_bn_act', 7, 'fwd'): ('cpp', 'torch'),
     ('cpu', 'concat_conv_bn_act', 7, 'fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'concat_conv_bn_act', 14, 'compiled fwd'): ('cpp', 'torch'),
+    ('cpu', 'concat_conv_bn_act', 14, 'compiled fwd+bwd'): ('cpp', 'torch'),
     ('cpu', 'concat_conv_bn_act', 14, 'fwd'): ('cpp', 'torch'),
     ('cpu', 'concat_conv_bn_act', 14, 'fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'concat_conv_bn_act', 28, 'compiled fwd'): ('cpp', 'torch'),
+    ('cpu', 'concat_conv_bn_act', 28, 'compiled fwd+bwd'): ('cpp', 'torch'),
     ('cpu', 'concat_conv_bn_act', 28, 'fwd'): ('cpp', 'torch'),
     ('cpu', 'concat_conv_bn_act', 28, 'fwd+bwd'): ('cpp', 'torch'),
+    ('cpu', 'concat_conv_bn_act', 56, 'compiled fwd'): ('cpp', 'torch'),
+    ('cpu', 'concat_conv_bn_act', 56, 'compiled fwd+bwd'): ('cpp', 'torch'),
     ('cpu', 'concat_conv_bn_act', 56, 'fwd'): ('cpp', 'torch'),
     ('cpu', 'concat_conv_bn_act', 56, 'fwd+bwd'): ('cpp', 'torch'),
-    ('cpu', 'rla_update', 7, 'fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update', 7, 'compiled fwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update', 7, 'compiled fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update', 7, 'fwd'): ('torch', 'cpp'),
     ('cpu', 'rla_update', 7, 'fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update', 14, 'compiled fwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update', 14, 'compiled fwd+bwd'): ('torch', 'cpp'),
     ('cpu', 'rla_update', 14, 'fwd'): ('cpp', 'torch'),
-    ('cpu', 'rla_update', 14, 'fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update', 14, 'fwd+bwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update', 28, 'compiled fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update', 28, 'compiled fwd+bwd'): ('torch', 'cpp'),
     ('cpu', 'rla_update', 28, 'fwd'): ('cpp', 'torch'),
-    ('cpu', 'rla_update', 28, 'fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update', 28, 'fwd+bwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update', 56, 'compiled fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update', 56, 'compiled fwd+bwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update', 56, 'fwd'): ('cpp', 'torch'),
-    ('cpu', 'rla_update', 56, 'fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update', 56, 'fwd+bwd'): ('cpp', 'torch'),
     ('cuda', 'concat_conv_bn_act', 7, 'fwd'): ('torch', 'cuda', 'triton'),
     ('cuda', 'concat_conv_bn_act', 7, 'fwd+bwd'): ('torch', 'cuda', 'triton'),
     ('cuda', 'concat_conv_bn_act', 14, 'fwd'): ('torch', 'triton', 'cuda'),

@@ -88,3 +88,14 @@ def test_compiled_rows_make_their_own_entries():
             _row(op, shape, "compile+cpp", 1.1)]
     pref = auto_table.preference_from_results(dict(RESULTS, device_type="cpu", rows=rows))
     assert pref == {("cpu", op, 7, "fwd+bwd"): ("cpp", "torch"), ("cpu", op, 7, "compiled fwd+bwd"): ("torch", "cpp")}
+
+
+def test_reference_needs_a_margin_to_lead():
+    """Within REFERENCE_MARGIN a single run cannot tell eager from fused, and the fused op saves
+    memory, so it keeps the lead; beyond the margin the reference leads."""
+    op, shape = "rla_update", "C512xH28"
+    near = [_row(op, shape, "eager", 0.99), _row(op, shape, "cpp", 1.0)]
+    far = [_row(op, shape, "eager", 0.9), _row(op, shape, "cpp", 1.0)]
+    key = ("cpu", op, 28, "fwd+bwd")
+    assert auto_table.preference_from_results(dict(RESULTS, device_type="cpu", rows=near))[key] == ("cpp", "torch")
+    assert auto_table.preference_from_results(dict(RESULTS, device_type="cpu", rows=far))[key] == ("torch", "cpp")
