@@ -293,14 +293,20 @@ def eager_concat_conv_bn_act(s: OpShape, dtype: torch.dtype, dev: DeviceSpec) ->
     return fwd, _bwd(bwd)
 
 
-def eager_rla_update(s: OpShape, dtype: torch.dtype, dev: DeviceSpec) -> tuple[list[Kernel], list[Kernel]]:
-    """conv3x3(tanh(batch_norm(pool?(h) + conv1x1(y)))): every intermediate is a tensor (t, s, bn, a)."""
+def _update_sizes(s: OpShape, dtype: torch.dtype) -> tuple[int, ...]:
+    """rla_update's operand sizes: (element bytes, pixels m, C, k, bytes of y, bytes of one k-channel
+    activation at the output resolution, bytes of h (4x that when pooled), bytes of Wout and of the
+    3x3 weight, FLOPs of the 1x1 GEMM and of the 3x3 conv)."""
     e = _elem(dtype)
     m, c, k = s.m, s.c, s.k
-    y, st = m * c * e, m * k * e  # st: one k-channel activation at the output resolution
-    hin = st * (4 if s.pool else 1)
-    wo, wr = k * c * e, 9 * k * k * e
-    g1, g3 = 2 * m * k * c, 2 * m * k * k * 9
+    st = m * k * e
+    return (e, m, c, k, m * c * e, st, st * (4 if s.pool else 1), k * c * e, 9 * k * k * e,
+            2 * m * k * c, 2 * m * k * k * 9)
+
+
+def eager_rla_update(s: OpShape, dtype: torch.dtype, dev: DeviceSpec) -> tuple[list[Kernel], list[Kernel]]:
+    """conv3x3(tanh(batch_norm(pool?(h) + conv1x1(y)))): every intermediate is a tensor (t, s, bn, a)."""
+    e, m, c, k, y, st, hin, wo, wr, g1, g3 = _update_sizes(s, dtype)
     fwd = [Kernel("avg_pool2d(h)", read=hin, written=st, fp32_flops=4 * m * k)] if s.pool else []
     fwd += [
         Kernel("conv1x1 out (cuDNN)", read=y + wo, written=st, tensor_flops=g1),
@@ -399,12 +405,7 @@ def cuda_rla_update(s: OpShape, dtype: torch.dtype, dev: DeviceSpec) -> tuple[li
     direct 3x3 on FP32 cores with tanh(bn(s)) on load. Backward: a = tanh(bn(s)) materialised for
     cuDNN's weight gradient, the transposed direct 3x3 for da, BN backward (2 passes), cuBLAS GEMMs."""
     _check_cuda_k(s.k)
-    e = _elem(dtype)
-    m, c, k = s.m, s.c, s.k
-    y, st = m * c * e, m * k * e
-    hin = st * (4 if s.pool else 1)
-    wo, wr = k * c * e, 9 * k * k * e
-    g1, g3 = 2 * m * k * c, 2 * m * k * k * 9
+    e, m, c, k, y, st, hin, wo, wr, g1, g3 = _update_sizes(s, dtype)
     v = k * STAT_BYTES
     chunks = cuda_reduce_chunks(k, m)
     part3, part2 = chunks * k * 3 * STAT_BYTES, chunks * k * 2 * STAT_BYTES
@@ -507,12 +508,7 @@ def triton_rla_update(s: OpShape, dtype: torch.dtype, dev: DeviceSpec) -> tuple[
     implicit GEMM with tanh(bn(s)) recomputed per tap. Backward: the transposed 3x3 with the tanh' and
     BN-gradient partials in its epilogue, finalize, dgrad and wgrad GEMMs rebuilding dz, the 3x3
     weight gradient (tanh recomputed per tap), the dh pass."""
-    e = _elem(dtype)
-    m, c, k = s.m, s.c, s.k
-    y, st = m * c * e, m * k * e
-    hin = st * (4 if s.pool else 1)
-    wo, wr = k * c * e, 9 * k * k * e
-    g1, g3 = 2 * m * k * c, 2 * m * k * k * 9
+    e, m, c, k, y, st, hin, wo, wr, g1, g3 = _update_sizes(s, dtype)
     v = k * STAT_BYTES
     part = 2 * _cdiv(m, TRITON_STAT_ROWS) * k * STAT_BYTES
     state_sweeps = _cdiv(k, TRITON_STATE_BLOCK_N)
@@ -622,6 +618,11 @@ def op_kernels(op: str, design: str, shape: OpShape, dtype: torch.dtype, dev: De
     return tuple(fwd) if pass_ == "fwd" else tuple(fwd + bwd)
 
 
+def _kernel_total(name: str) -> property:
+    """A property summing one Kernel field over a row's kernels."""
+    return property(lambda self: sum(getattr(kn, name) for kn in self.kernels))
+
+
 @dataclass(frozen=True)
 class OpRow:
     """One (op, pass, shape, design) on one device: its kernels and modelled times."""
@@ -640,25 +641,12 @@ class OpRow:
     def time_ms(self) -> float:
         return sum(self.kernel_ms)
 
-    @property
-    def read(self) -> int:
-        return sum(kn.read for kn in self.kernels)
-
-    @property
-    def written(self) -> int:
-        return sum(kn.written for kn in self.kernels)
-
-    @property
-    def tensor_flops(self) -> int:
-        return sum(kn.tensor_flops for kn in self.kernels)
-
-    @property
-    def fp32_flops(self) -> int:
-        return sum(kn.fp32_flops for kn in self.kernels)
-
-    @property
-    def launches(self) -> int:
-        return sum(kn.launches for kn in self.kernels)
+    # Totals over the kernels: bytes read / written, tensor-core and FP32 FLOPs, launches.
+    read = _kernel_total("read")
+    written = _kernel_total("written")
+    tensor_flops = _kernel_total("tensor_flops")
+    fp32_flops = _kernel_total("fp32_flops")
+    launches = _kernel_total("launches")
 
     @property
     def vs_floor(self) -> float:
