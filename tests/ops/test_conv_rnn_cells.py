@@ -10,7 +10,7 @@ import rla_ext
 import rla_ext._backend
 from rla_ext.nn import ConvGRUCell, ConvLSTMCell
 from rla_ext.ops import conv_gru_cell, conv_lstm_cell
-from rla_testing import TOLERANCES, to_format
+from rla_testing import TOLERANCES, assert_close, to_format
 
 pytestmark = pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_lower_isa.py
 
@@ -74,6 +74,24 @@ def test_fused_matches_reference(backend, cell, case, fmt, dtype):
         assert a.is_contiguous(memory_format=want)
     for name, g in ref_grads.items():
         torch.testing.assert_close(got_grads[name], g, **TOLERANCES[dtype], msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", CPP)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_half_precision_within_the_reference_error(backend, cell, fmt, dtype):
+    """bf16 / fp16 cells: every output and gradient at most 2x the reference's own error (both
+    against a float64 run of the reference on the same rounded inputs) plus a small absolute term."""
+    inputs = make_inputs(cell, *CASES[0], dtype, fmt, seed=3)
+    got, got_grads = run(cell, inputs, backend)
+    ref, ref_grads = run(cell, inputs, "torch")
+    ref64, ref64_grads = run(cell, {k: v.double() for k, v in inputs.items()}, "torch")
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert a.dtype == dtype
+        assert_close(a, b, dtype, f"output {i}", ref64[i])
+    for name, g in ref_grads.items():
+        assert_close(got_grads[name], g, dtype, f"grad of {name}", ref64_grads[name])
 
 
 @pytest.mark.parametrize("cell", CELLS)
