@@ -5,15 +5,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rla_ext.ops._validation import pool_state
+
 
 def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
                running_mean: Tensor | None, running_var: Tensor | None, rec_weight: Tensor, pool: bool,
-               training: bool, momentum: float, eps: float, process_group: object | None = None) -> Tensor:
+               training: bool, momentum: float, eps: float, process_group: object | None = None,
+               pool_mode: str = "floor") -> Tensor:
     """h (N,k,Hh,Wh), y (N,C,H,W) -> (N,k,H,W) = rec3x3(tanh(bn(pool?(h) + out1x1(y))))
 
+    pool: 2x2 average pool, stride 2, in `pool_mode`: "floor" (published: (Hh//2, Wh//2)) or "ceil"
+    (F.avg_pool2d's ceil_mode: (ceil(Hh/2), ceil(Wh/2)), edge windows average what they cover).
     With a `process_group` (training only) the BatchNorm statistics are those of all ranks' batches."""
     if pool:
-        h = F.avg_pool2d(h, kernel_size=2, stride=2)
+        h = pool_state(h, pool_mode)
     w_out = out_weight if out_weight.dim() == 4 else out_weight[:, :, None, None]
     s = h + F.conv2d(y, w_out)
     if process_group is not None:

@@ -47,13 +47,16 @@ from rla_ext.nn import RLABottleneck, rla_step
 
 
 class RLA_ResNet(RLAResNet):  # noqa: N801  (the released class name)
-    """The released detection backbone. x (N, 3, H, W), H and W multiples of 32 -> tuple of stage outputs.
+    """The released detection backbone. x (N, 3, H, W), H and W multiples of 32 (any size with
+    ``pool_mode="ceil"``) -> tuple of stage outputs.
 
     Args (released names): block (RLABottleneck only), layers, num_classes (unused, as released),
         rla_channel, SE, ECA (kernel size per stage or None), frozen_stages (-1: none), norm_eval,
         style ('pytorch' only), zero_init_last_bn, groups, width_per_group,
         replace_stride_with_dilation (None / all False only), norm_layer (None / nn.BatchNorm2d only).
     Extra: out_indices (stages to return, 0-based; None: all, as released), widths (planes per stage, for small models),
+        pool_mode ("floor", as released, or "ceil": the RLA state is pooled in ceil mode to the strided
+        convs' size, so detection inputs of any size run; see :class:`RLAResNet`),
         backend (rla_ext backend of the fused ops).
     Attribute ``out_channels_list``: channels of each returned feature map.
     """
@@ -64,7 +67,7 @@ class RLA_ResNet(RLAResNet):  # noqa: N801  (the released class name)
                  style: str = "pytorch", zero_init_last_bn: bool = True, groups: int = 1, width_per_group: int = 64,
                  replace_stride_with_dilation: Sequence[bool] | None = None, norm_layer: type | None = None, *,
                  out_indices: Sequence[int] | None = None, widths: Sequence[int] | None = None,
-                 backend: str | None = None) -> None:
+                 pool_mode: str = "floor", backend: str | None = None) -> None:
         if block not in (None, RLABottleneck):
             raise ValueError("block: only the RLA bottleneck is supported (RLABottleneck / None)")
         if style != "pytorch":
@@ -75,7 +78,7 @@ class RLA_ResNet(RLAResNet):  # noqa: N801  (the released class name)
             raise ValueError("norm_layer: only nn.BatchNorm2d (convert_sync_batchnorm afterwards for SyncBN)")
         super().__init__(layers, num_classes, rla_channel, block=RLABottleneck, se=SE, eca=ECA,
                          groups=groups, width_per_group=width_per_group, zero_init_last_bn=zero_init_last_bn,
-                         widths=widths, backend=backend)
+                         widths=widths, pool_mode=pool_mode, backend=backend)
         del self.bn2, self.fc  # no classification head, as released
         n = len(self.stages)
         self.out_indices = tuple(range(n)) if out_indices is None else tuple(int(i) for i in out_indices)
@@ -119,7 +122,8 @@ class RLA_ResNet(RLAResNet):  # noqa: N801  (the released class name)
             conv_out, rec = self.conv_outs[s], self.recurrent_convs[s]
             for t, block in enumerate(self.stages[s]):
                 x = block(x, h)
-                h = rla_step(h, x, conv_out, rec, self.stage_bns[s][t], pool=block.pool_h, backend=self.backend)
+                h = rla_step(h, x, conv_out, rec, self.stage_bns[s][t], pool=block.pool_h,
+                             pool_mode=self.pool_mode, backend=self.backend)
             outs.append(x)
         return tuple(outs[i] for i in self.out_indices)
 

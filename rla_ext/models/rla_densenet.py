@@ -5,7 +5,7 @@ none). The equations are in docs/MODELS.md; in short, per dense block b and laye
     z_t   = relu(norm2(conv1(cat(relu(norm1(F_t)), h_{t-1}))))           # 1x1 over [features, state]
     x_t   = conv2(z_t)                                                   # 3x3, growth_rate channels
     h_t   = rec_b(tanh(bn_{b,t}(h_{t-1} + out_b(x_t))))                 # out_b 1x1, rec_b 3x3: shared in b
-    transition: F <- avgpool2(conv(relu(norm(F))))  (compression 0.5);  h <- avgpool2(h)
+    transition: F <- avgpool2(conv(relu(norm(F))))  (compression 0.5);  h <- avgpool2(h)  (both in pool_mode)
     head: logits = classifier(cat(mean_hw(relu(norm5(F))), mean_hw(relu(bn2(h)))))
 
 The layer's 1x1 bottleneck reads the concatenation of its features and the state (the paper's
@@ -28,6 +28,7 @@ from rla_ext.models.rla_recurrent import check_state_size, zero_state
 from rla_ext.nn import bn_args, rla_step
 from rla_ext.nn.sync_batchnorm import process_group_of
 from rla_ext.ops import concat_conv_bn_act
+from rla_ext.ops._validation import check_pool_mode, pool_state
 
 
 class RLADenseLayer(nn.Module):
@@ -55,15 +56,17 @@ class RLADenseLayer(nn.Module):
 
 
 class RLATransition(nn.Sequential):
-    """BN -> ReLU -> 1x1 conv (compression) -> 2x2 average pool. (N, C, H, W) -> (N, C_out, H/2, W/2)."""
+    """BN -> ReLU -> 1x1 conv (compression) -> 2x2 average pool. (N, C, H, W) -> (N, C_out, H/2, W/2),
+    the pool in ``pool_mode`` ("floor": H // 2, as torchvision's DenseNet; "ceil": ceil(H / 2))."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, pool_mode: str = "floor") -> None:
         super().__init__()
         self.norm = nn.BatchNorm2d(in_channels)
         self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.pool_mode = check_pool_mode(pool_mode)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.avg_pool2d(self.conv(F.relu(self.norm(x))), 2, 2)
+        return pool_state(self.conv(F.relu(self.norm(x))), self.pool_mode)
 
 
 class RLADenseNet(nn.Module):
@@ -74,15 +77,21 @@ class RLADenseNet(nn.Module):
         growth_rate: channels each layer adds. num_init_features: stem output channels.
         bn_size: bottleneck width factor (width = bn_size * growth_rate). compression: transition
             channel factor. num_classes: outputs. rla_channel: k, the channels of h.
-        stem: "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool; H, W multiples of 32) or "cifar"
-            (3x3 conv only; H, W multiples of 2**(blocks - 1)).
+        stem: "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or "cifar" (3x3 conv only).
+        pool_mode: the rounding of the transitions' 2x2 average pool, which pools the features F and
+            the RLA state h alike, so every input size runs in both modes: "floor" (default, as
+            torchvision's DenseNet: an odd last row / column is dropped) or "ceil" (ceil(H / 2); edge
+            windows average what they cover). The two agree at sides that stay even (multiples of 32
+            for the imagenet stem, of 2**(blocks - 1) for the cifar stem).
         backend: rla_ext backend of the fused ops (None: the selection in force).
     """
 
     def __init__(self, block_config: Sequence[int] = (6, 12, 24, 16), growth_rate: int = 32,
                  num_init_features: int = 64, bn_size: int = 4, compression: float = 0.5, num_classes: int = 1000,
-                 rla_channel: int = 32, *, stem: str = "imagenet", backend: str | None = None) -> None:
+                 rla_channel: int = 32, *, stem: str = "imagenet", pool_mode: str = "floor",
+                 backend: str | None = None) -> None:
         super().__init__()
+        self.pool_mode = check_pool_mode(pool_mode)
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {stem!r}")
         if not block_config or min(block_config) < 1:
@@ -106,7 +115,7 @@ class RLADenseNet(nn.Module):
             stage_bns.append(nn.ModuleList(nn.BatchNorm2d(k) for _ in range(n)))
             c += n * growth_rate
             if b != len(self.block_config) - 1:
-                transitions.append(RLATransition(c, int(c * compression)))
+                transitions.append(RLATransition(c, int(c * compression), self.pool_mode))
                 c = int(c * compression)
         self.blocks = nn.ModuleList(blocks)
         self.transitions = nn.ModuleList(transitions)
@@ -155,8 +164,8 @@ class RLADenseNet(nn.Module):
             x = torch.cat(feats, 1)
             if b < len(self.transitions):
                 x = self.transitions[b](x)
-                h = F.avg_pool2d(h, 2, 2)
-                check_state_size(h, x)
+                h = pool_state(h, self.transitions[b].pool_mode)  # the same pooling as the features'
+                check_state_size(h, x, self.pool_mode)
         return x, h
 
     def forward_head(self, x: Tensor, h: Tensor) -> Tensor:

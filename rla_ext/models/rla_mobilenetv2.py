@@ -6,7 +6,7 @@ Data flow (N images, stem output 112x112 for 224x224 input), per stage j, block 
     d = relu6(bn_dw(dwconv3x3_s(cat(e, h))))            # depthwise over hidden + k channels
     y = bn_pw(conv1x1(d)) [* eca]                       # the branch output ("pw-linear")
     x = x + y  if stride 1 and C_in == C_out, else y
-    h = rec(tanh(bn_{j,i}(avgpool2x2_if_stride2(h) + conv_out_j(y))))
+    h = rec(tanh(bn_{j,i}(avgpool2x2_if_stride2(h) + conv_out_j(y))))   # floor pool; pool_mode="ceil": ceil
     head: h = relu6(bn2(h)); x = relu6(bn(conv2_1x1(cat(x, h)))); logits = fc(dropout(mean_hw(x)))
 
 ``rec`` is a dense 3x3 conv (k -> k) in RLA_MobileNetV2 and a depthwise 3x3 conv (groups = k) in
@@ -45,6 +45,7 @@ from rla_ext.models.rla_recurrent import check_state_size, zero_state
 from rla_ext.nn import EfficientChannelAttention, bn_args, rla_step
 from rla_ext.nn.sync_batchnorm import process_group_of
 from rla_ext.ops import concat_conv_bn_act
+from rla_ext.ops._validation import check_pool_mode, pool_state
 
 # t (expansion), c (output channels), n (blocks), s (stride of the first block)
 DEFAULT_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -146,12 +147,15 @@ class RLAInvertedResidual(nn.Module):
 
 class RLA_MobileNetV2(nn.Module):  # noqa: N801  (the released class name)
     """RLA-MobileNetV2 with a dense 3x3 recurrent conv. (N, 3, H, W) -> (N, num_classes), H and W
-    multiples of 32.
+    multiples of 32 (any size with ``pool_mode="ceil"``).
 
-    Args (as released, plus ``backend``):
+    Args (as released, plus ``pool_mode`` and ``backend``):
         num_classes: classifier outputs. width_mult: channel multiplier. rla_channel: k.
         inverted_residual_setting: rows (t, c, n, s); default the MobileNetV2 table.
         round_nearest: channel rounding multiple. ECA: add ECA (kernel 1 for c < 96, else 3).
+        pool_mode: how h is 2x2-pooled in stride-2 blocks: "floor" (default, as released: input sides
+            must be multiples of 32, else ValueError) or "ceil" (ceil-mode pooling to the strided
+            depthwise convs' size, ceil(H / 2): any input size; same numbers where "floor" runs).
         backend: rla_ext backend of the fused ops (None: the selection in force).
     """
 
@@ -159,8 +163,10 @@ class RLA_MobileNetV2(nn.Module):  # noqa: N801  (the released class name)
 
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, rla_channel: int = 32,
                  inverted_residual_setting: Sequence[Sequence[int]] | None = None, round_nearest: int = 8,
-                 ECA: bool = False, *, backend: str | None = None) -> None:  # noqa: N803  (released name)
+                 ECA: bool = False, *, pool_mode: str = "floor",  # noqa: N803  (released name)
+                 backend: str | None = None) -> None:
         super().__init__()
+        self.pool_mode = check_pool_mode(pool_mode)
         setting = [tuple(r) for r in (inverted_residual_setting or DEFAULT_SETTING)]
         if not setting or any(len(r) != 4 for r in setting):
             raise ValueError(f"inverted_residual_setting: expected non-empty rows (t, c, n, s), got {setting}")
@@ -221,10 +227,11 @@ class RLA_MobileNetV2(nn.Module):  # noqa: N801  (the released class name)
     def _update(self, h: Tensor, y: Tensor, stage: int, bn: nn.Module, pool: bool) -> Tensor:
         rec, conv_out = self.recurrent_conv(stage), self.conv_outs[stage]
         if not self.depthwise_recurrent:
-            return rla_step(h, y, conv_out, rec, bn, pool=pool, backend=self.backend)
+            return rla_step(h, y, conv_out, rec, bn, pool=pool, pool_mode=self.pool_mode,
+                            backend=self.backend)
         if pool:
-            h = F.avg_pool2d(h, 2, 2)
-        check_state_size(h, y)
+            h = pool_state(h, self.pool_mode)
+        check_state_size(h, y, self.pool_mode)
         return rec(torch.tanh(bn(h + conv_out(y))))
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -4,7 +4,7 @@
 Data flow (N images), per stage s and block t::
 
     x = block(x, h)                                   # conv1 reads cat(x, h): fused concat_conv_bn_act
-    h (and c) = avgpool2x2(h) if the block downsamples
+    h (and c) = avgpool2x2(h) if the block downsamples   # floor mode as released; pool_mode="ceil": ceil mode
     a = tanh(bn_{s,t}(conv_out_s(x)))                 # x: the block's FINAL output (released aliasing)
     h = cell_s(a, h)            (GRU)    |    h, c = cell_s(a, (h, c))   (LSTM; c starts at zeros too)
     head: logits = fc(mean_hw(cat(x, h)))             # no BatchNorm / ReLU on h before the head
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from rla_ext.nn import RLABottleneck, make_downsample
 from rla_ext.nn.conv_rnn import ConvGRUCell, ConvLSTMCell
 from rla_ext.models.rla_resnet import stage_arguments
+from rla_ext.ops._validation import check_pool_mode, pool_state
 
 _WIDTHS = (64, 128, 256, 512)
 ECA_KERNELS = (5, 5, 5, 7)  # the released ECA kernel sizes per stage
@@ -52,11 +53,14 @@ def zero_state(x: Tensor, channels: int) -> Tensor:
     return h
 
 
-def check_state_size(h: Tensor, x: Tensor) -> None:
-    """The stride-2 pooling of h floors while strided convs round up: sides must be multiples of 32."""
+def check_state_size(h: Tensor, x: Tensor, pool_mode: str = "floor") -> None:
+    """With the published ``pool_mode="floor"`` the stride-2 pooling of h floors while strided convs
+    round up: sides must be multiples of 32. ``pool_mode="ceil"`` pools h to the strided convs' size."""
     if h.shape[2:] != x.shape[2:]:
+        hint = " or build the model with pool_mode='ceil'" if pool_mode == "floor" else ""
         raise ValueError(f"RLA state {tuple(h.shape)} and features {tuple(x.shape)} differ in size: input sides "
-                         "must be multiples of 32 (the pooled state floors, the strided convolutions round up)")
+                         "must be multiples of 32 (the pooled state floors, the strided convolutions round up)"
+                         f"{hint}")
 
 
 class _RLACellResNet(nn.Module):
@@ -69,6 +73,9 @@ class _RLACellResNet(nn.Module):
         groups, width_per_group: ResNeXt cardinality / width. widths: planes per stage
             (default (64, 128, 256, 512)[:len(layers)]; smaller for tests).
         zero_init_last_bn: bn3 of every block starts at weight 0 (released default True).
+        pool_mode: how h (and c) are 2x2-pooled at stride-2 blocks: "floor" (default, as released:
+            input sides must be multiples of 32, else ValueError) or "ceil" (ceil-mode pooling to the
+            strided convs' size, ceil(H / 2): any input size; same numbers where "floor" runs).
         backend: rla_ext backend of the fused block entries (None: the selection in force).
     """
 
@@ -77,9 +84,10 @@ class _RLACellResNet(nn.Module):
     def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), num_classes: int = 1000, rla_channel: int = 32, *,
                  se: bool = False, eca: Sequence[int] | None = None, reduction: int = 16, groups: int = 1,
                  width_per_group: int = 64, zero_init_last_bn: bool = True, widths: Sequence[int] | None = None,
-                 backend: str | None = None) -> None:
+                 pool_mode: str = "floor", backend: str | None = None) -> None:
         super().__init__()
         widths, eca = stage_arguments(layers, widths, _WIDTHS, eca)
+        self.pool_mode = check_pool_mode(pool_mode)
         self.rla_channel = rla_channel
         self.layers = tuple(int(n) for n in layers)
         self.backend = backend
@@ -144,8 +152,8 @@ class _RLACellResNet(nn.Module):
             for t, block in enumerate(stage):
                 x = block(x, state[0])
                 if block.pool_h:
-                    state = tuple(F.avg_pool2d(v, 2, 2) for v in state)
-                check_state_size(state[0], x)
+                    state = tuple(pool_state(v, self.pool_mode) for v in state)
+                check_state_size(state[0], x, self.pool_mode)
                 a = torch.tanh(self.stage_bns[s][t](conv_out(x)))
                 state = self._cell_step(cell, a, state)
         return x, state[0]
@@ -160,7 +168,8 @@ class _RLACellResNet(nn.Module):
 
 class RLAgru_ResNet(_RLACellResNet):  # noqa: N801  (the released class name)
     """RLA-ResNet whose per-stage aggregation is a :class:`~rla_ext.nn.conv_rnn.ConvGRUCell`.
-    (N, 3, H, W) -> (N, num_classes), H and W multiples of 32. Arguments: see the module docstring."""
+    (N, 3, H, W) -> (N, num_classes), H and W multiples of 32 (any size with ``pool_mode="ceil"``).
+    Arguments: see the module docstring and :class:`_RLACellResNet`."""
 
     n_states = 1
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rla_ext.nn import EarlyExitHead, RLABasicBlock, RLABottleneck, make_downsample, rla_step
+from rla_ext.ops._validation import check_pool_mode
 
 _WIDTHS = {"imagenet": (64, 128, 256, 512), "cifar": (16, 32, 64)}
 
@@ -53,6 +54,12 @@ class RLAResNet(nn.Module):
         widths: planes per stage (default (64,128,256,512) or (16,32,64) for the cifar stem).
         shared_blocks: every block of a stage after the first reuses one set of block weights;
             each step keeps its own BatchNorms (block and RLA).
+        pool_mode: how the RLA state h is 2x2-pooled at each stage's first (stride-2) block.
+            "floor" (default): as published; the pooled h drops an odd last row / column while the
+            strided convs round up, so input sides must be multiples of 32 (2**(stages - 1) with the
+            cifar stem) or the update raises ValueError. "ceil": ceil-mode pooling (edge windows
+            average what they cover) to the strided convs' size, ceil(H / 2): any input size runs.
+            Same numbers as "floor" wherever "floor" runs; no parameter changes (checkpoints load).
         backend: rla_ext backend for every fused op in the network (None: selection in force).
     """
 
@@ -60,11 +67,13 @@ class RLAResNet(nn.Module):
                  block: type[nn.Module] = RLABottleneck, se: bool = False, eca: Sequence[int] | None = None,
                  reduction: int = 16, groups: int = 1, width_per_group: int = 64,
                  zero_init_last_bn: bool = False, stem: str = "imagenet", widths: Sequence[int] | None = None,
-                 in_channels: int = 3, shared_blocks: bool = False, backend: str | None = None) -> None:
+                 in_channels: int = 3, shared_blocks: bool = False, pool_mode: str = "floor",
+                 backend: str | None = None) -> None:
         super().__init__()
         if stem not in _WIDTHS:
             raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {stem!r}")
         widths, eca = stage_arguments(layers, widths, _WIDTHS[stem], eca)
+        self.pool_mode = check_pool_mode(pool_mode)
         self.rla_channel = rla_channel
         self.stem_kind = stem
         self.layers = tuple(int(n) for n in layers)
@@ -162,7 +171,8 @@ class RLAResNet(nn.Module):
             for t in range(self.layers[s]):
                 block, norms = self._block_at(s, t)
                 x = block(x, h, norms)
-                h = rla_step(h, x, conv_out, rec, self.stage_bns[s][t], pool=block.pool_h, backend=self.backend)
+                h = rla_step(h, x, conv_out, rec, self.stage_bns[s][t], pool=block.pool_h,
+                             pool_mode=self.pool_mode, backend=self.backend)
                 if states is not None:
                     states.append(h)
         return x, h

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from rla_ext.nn._bn_args import bn_args
 from rla_ext.nn.sync_batchnorm import process_group_of
 from rla_ext.ops import rla_update
+from rla_ext.ops._validation import check_pool_mode
 
 
 def _as(w: Tensor, like: Tensor) -> Tensor:
@@ -33,16 +34,17 @@ def check_rla_convs(conv_out: nn.Conv2d, recurrent_conv: nn.Conv2d) -> None:
 
 
 def rla_step(h: Tensor, y: Tensor, conv_out: nn.Conv2d, recurrent_conv: nn.Conv2d, bn: nn.Module, *,
-             pool: bool = False, backend: str | None = None) -> Tensor:
+             pool: bool = False, pool_mode: str = "floor", backend: str | None = None) -> Tensor:
     """One RLA update through ``rla_ext.ops.rla_update``, with ``bn``'s bookkeeping as nn.BatchNorm2d.
 
     h (N, k, Hh, Wh) previous state; y (N, C, H, W) the block's final output, with
-    (H, W) = (Hh//2, Wh//2) when ``pool`` else (Hh, Wh). Returns the new state (N, k, H, W).
+    (H, W) = (Hh//2, Wh//2) when ``pool`` else (Hh, Wh); ``pool_mode="ceil"`` pools to
+    (ceil(Hh/2), ceil(Wh/2)) instead (see ``rla_update``). Returns the new state (N, k, H, W).
     """
     a = bn_args(bn)
     return rla_update(h, y, _as(conv_out.weight, y), a.weight, a.bias, a.running_mean, a.running_var,
-                      _as(recurrent_conv.weight, y), pool=pool, training=a.training, momentum=a.momentum,
-                      eps=a.eps, backend=backend, process_group=process_group_of(bn))
+                      _as(recurrent_conv.weight, y), pool=pool, pool_mode=pool_mode, training=a.training,
+                      momentum=a.momentum, eps=a.eps, backend=backend, process_group=process_group_of(bn))
 
 
 class RLAAggregator(nn.Module):
@@ -50,15 +52,19 @@ class RLAAggregator(nn.Module):
     and ``bns`` (one BatchNorm2d(k) per block of the stage).
 
     ``forward(h, y, step, pool=False)``: h (N, k, Hh, Wh), y (N, C, H, W) -> (N, k, H, W).
+    ``pool_mode`` ("floor", the published default, or "ceil"): how ``pool`` rounds odd sides of h
+    (see ``rla_ext.ops.rla_update``); "ceil" matches stride-2 convolutions at any input size.
     """
 
     def __init__(self, in_channels: int, rla_channel: int, num_blocks: int, *, backend: str | None = None,
-                 norm_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
+                 norm_layer: type[nn.Module] = nn.BatchNorm2d, pool_mode: str = "floor") -> None:
         super().__init__()
+        self.pool_mode = check_pool_mode(pool_mode)
         self.conv_out = nn.Conv2d(in_channels, rla_channel, 1, bias=False)
         self.recurrent_conv = nn.Conv2d(rla_channel, rla_channel, 3, padding=1, bias=False)
         self.bns = nn.ModuleList(norm_layer(rla_channel) for _ in range(num_blocks))
         self.backend = backend
 
     def forward(self, h: Tensor, y: Tensor, step: int, pool: bool = False) -> Tensor:
-        return rla_step(h, y, self.conv_out, self.recurrent_conv, self.bns[step], pool=pool, backend=self.backend)
+        return rla_step(h, y, self.conv_out, self.recurrent_conv, self.bns[step], pool=pool,
+                        pool_mode=self.pool_mode, backend=self.backend)

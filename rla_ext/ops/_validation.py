@@ -8,6 +8,7 @@ from __future__ import annotations
 from numbers import Real
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -157,3 +158,54 @@ def check_state(name: str, t: object, x: Tensor, channels: int | None = None) ->
         raise ValueError(f"{name}: expected shape ({n}, {want}, {hh}, {ww}) to match x {tuple(x.shape)}, "
                          f"got {tuple(t.shape)}")
     return t
+
+
+# --------------------------------------------------------------------------- pooling of the RLA state
+# The one definition of how h is 2x2-pooled at a stride-2 block, and of the size that gives: the op's
+# validation, the reference, every fused backend's Python entry and the models all use these.
+POOL_MODES = ("floor", "ceil")
+
+
+def check_pool_mode(pool_mode: object) -> str:
+    """``pool_mode``: "floor" (the published model; the default) or "ceil" (any input size).
+
+    "floor": 2x2 average pool, stride 2, floor mode: (Hh, Wh) -> (Hh // 2, Wh // 2); an odd last
+        row / column of h is dropped. A stride-2 conv (3x3 padding 1, or 1x1 padding 0) gives
+        ceil(H / 2), so a network only runs when every pooled side is even (inputs a multiple of 32
+        for the ImageNet-style models), as in the released code.
+    "ceil": the same pool in ceil mode (``F.avg_pool2d(h, 2, 2, ceil_mode=True)``):
+        (Hh, Wh) -> (ceil(Hh / 2), ceil(Wh / 2)), the stride-2 convs' size, so any input size runs.
+        An edge window that covers only one row / column averages the values it covers (divisor 2,
+        or 1 at the corner), as PyTorch's ceil-mode pooling does. Equal to "floor" for even sides.
+    """
+    if not isinstance(pool_mode, str) or pool_mode not in POOL_MODES:
+        raise ValueError(f"pool_mode: expected one of {POOL_MODES}, got {pool_mode!r}")
+    return pool_mode
+
+
+def pooled_side(size: int, pool_mode: str) -> int:
+    """One side of h after the 2x2 / stride-2 pooling: size // 2 ("floor") or ceil(size / 2) ("ceil")."""
+    return size // 2 if pool_mode == "floor" else (size + 1) // 2
+
+
+def state_size(hh: int, wh: int, pool: bool, pool_mode: str) -> tuple[int, int]:
+    """The spatial size h (Hh, Wh) has after the update's optional pooling (y must have this size)."""
+    if not pool:
+        return (int(hh), int(wh))
+    return (pooled_side(int(hh), pool_mode), pooled_side(int(wh), pool_mode))
+
+
+def pool_state(h: Tensor, pool_mode: str = "floor") -> Tensor:
+    """The 2x2 average pooling (stride 2) of an RLA state (N, k, Hh, Wh) in ``pool_mode`` (see
+    :func:`check_pool_mode`). Differentiable; keeps h's memory format."""
+    return F.avg_pool2d(h, kernel_size=2, stride=2, ceil_mode=pool_mode == "ceil")
+
+
+def prepool_for_kernel(h: Tensor, pool: bool, pool_mode: str) -> tuple[Tensor, bool]:
+    """(h, pool) as the fused kernels take them. The kernels pool in floor mode only; where ceil mode
+    differs from it (an odd side), h is pooled here by :func:`pool_state` (the reference's own pooling,
+    so the pooled values are bit-identical to it; autograd carries its backward) and the kernel runs
+    without pooling. Even sides keep the kernels' fused pooling: ceil and floor modes agree there."""
+    if pool and pool_mode == "ceil" and (h.shape[2] % 2 or h.shape[3] % 2):
+        return pool_state(h, pool_mode), False
+    return h, pool

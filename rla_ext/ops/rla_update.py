@@ -141,19 +141,27 @@ class SyncRLAUpdateFunction(torch.autograd.Function):
 
 def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
                running_mean: Tensor | None, running_var: Tensor | None, rec_weight: Tensor, *, pool: bool = False,
-               training: bool, momentum: float = 0.1, eps: float = 1e-5, backend: str | None = None,
-               process_group: object | None = None) -> Tensor:
+               pool_mode: str = "floor", training: bool, momentum: float = 0.1, eps: float = 1e-5,
+               backend: str | None = None, process_group: object | None = None) -> Tensor:
     """``conv3x3(tanh(batch_norm(avgpool2x2?(h) + conv1x1(y, out_weight))), rec_weight)``.
 
     Shapes:
         h: (N, k, Hh, Wh) previous hidden state; y: (N, C, H, W) the block's final output, where
-            (H, W) = (Hh // 2, Wh // 2) when ``pool`` (2x2 average pool, stride 2) else (Hh, Wh).
+            (H, W) = (Hh // 2, Wh // 2) when ``pool`` (2x2 average pool, stride 2) else (Hh, Wh);
+            with ``pool_mode="ceil"``, (H, W) = (ceil(Hh / 2), ceil(Wh / 2)) when ``pool``.
         out_weight: (k, C, 1, 1) or (k, C), the stage's shared 1x1 conv.
         bn_weight, bn_bias, running_mean, running_var: (k,) or None (this block's BatchNorm).
         rec_weight: (k, k, 3, 3) or (k, 9k), the stage's shared 3x3 conv (padding 1, no bias).
         returns: (N, k, H, W), in y's memory format (contiguous or channels_last).
     Args: as ``concat_conv_bn_act`` (training, momentum, eps, backend, process_group: the BatchNorm's
         batch statistics synchronised over that torch.distributed group when training); pool as above.
+        pool_mode: how ``pool`` rounds an odd side of h. "floor" (default): the published model
+            (``F.avg_pool2d(h, 2, 2)``; an odd last row / column of h is dropped), so h only matches a
+            stride-2 conv's output (ceil(H / 2)) at even sizes. "ceil": ``F.avg_pool2d(h, 2, 2,
+            ceil_mode=True)``, the stride-2 convs' size at any input size; an edge window covering one
+            row / column averages the values it covers. The two agree for even sides. Every backend
+            computes it (the fused kernels pool odd sides in ceil mode through the same pooling call,
+            then add the pooled h).
     Dtypes: float16, bfloat16, float32, float64 (statistics in float32, float64 for float64). Under
     ``torch.autocast`` h, y and both conv weights run in the autocast dtype (float64 excepted).
     """
@@ -166,11 +174,17 @@ def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | Non
     k = h.shape[1]
     if not isinstance(pool, bool):
         raise TypeError(f"pool: expected a bool, got {type(pool).__name__}")
-    want = (h.shape[2] // 2, h.shape[3] // 2) if pool else tuple(h.shape[2:])
+    pool_mode = v.check_pool_mode(pool_mode)
+    want = v.state_size(h.shape[2], h.shape[3], pool, pool_mode)
     if h.shape[0] != n or want != (hy, wy):
-        how = "2x2-pooled spatial size" if pool else "spatial size"
+        how = "spatial size"
+        if pool:
+            how = "2x2-pooled spatial size" + (" (ceil mode)" if pool_mode == "ceil" else "")
+        hint = ""
+        if pool and pool_mode == "floor" and v.state_size(h.shape[2], h.shape[3], pool, "ceil") == (hy, wy):
+            hint = "; pool_mode='ceil' pools odd sides up to the stride-2 convolutions' size"
         raise ValueError(f"h: shape {tuple(h.shape)} does not match y {tuple(y.shape)} (batch must be equal and the "
-                         f"{how} of h, {want}, must equal y's {(hy, wy)})")
+                         f"{how} of h, {want}, must equal y's {(hy, wy)}){hint}")
     w_out = v.weight_matrix("out_weight", out_weight, k, c, y, "y", f"C = {c}, the channels of y")
     w_rec = v.conv3x3_weight("rec_weight", rec_weight, k, y, "y")
     bn_weight, bn_bias, running_mean, running_var, training, momentum, eps = bn.check_arguments(
@@ -181,7 +195,9 @@ def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | Non
     name = _backend.resolve(backend, y.device, _OP, (y.shape[2], y.shape[3]))
     if name == "torch":
         return _reference.rla_update(h, y, out_weight, bn_weight, bn_bias, running_mean, running_var, rec_weight,
-                                     pool, training, momentum, eps, process_group=group if sync else None)
+                                     pool, training, momentum, eps, process_group=group if sync else None,
+                                     pool_mode=pool_mode)
+    h, pool = v.prepool_for_kernel(h, pool, pool_mode)  # the kernels pool in floor mode only
     fmt = v.memory_format_of(y)
     gamma, beta = bn.affine(bn_weight, bn_bias, k, y)
     if sync:
