@@ -15,6 +15,17 @@ TORCH_LIBRARY_FRAGMENT(rla_ext, m) {
   m.def("rla_update_kernel_bwd(Tensor grad_out, Tensor h, Tensor y, Tensor out_weight, Tensor gamma, "
         "Tensor beta, Tensor rec_weight, Tensor s, Tensor mean, Tensor var, bool pool, float eps, bool training) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The block boundary (rla_ext/ops/rla_update_and_entry.py): rla_update then concat_conv_bn_act(y, h_next)
+  // with y read once; CPU only so far. Forward -> (h_next, s, mean, var, out, z, entry_mean, entry_var).
+  m.def("rla_update_and_entry_kernel_fwd(Tensor h, Tensor y, Tensor out_weight, Tensor gamma, Tensor beta, "
+        "Tensor? mean, Tensor? var, Tensor rec_weight, Tensor entry_weight, Tensor entry_gamma, Tensor entry_beta, "
+        "Tensor? entry_mean, Tensor? entry_var, bool pool, float eps, float entry_eps, bool relu) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("rla_update_and_entry_kernel_bwd(Tensor grad_h_next, Tensor grad_out, Tensor h, Tensor y, "
+        "Tensor out_weight, Tensor gamma, Tensor beta, Tensor rec_weight, Tensor s, Tensor mean, Tensor var, "
+        "Tensor h_next, Tensor entry_weight, Tensor entry_gamma, Tensor entry_beta, Tensor z, Tensor entry_mean, "
+        "Tensor entry_var, bool pool, float eps, float entry_eps, bool relu, bool training) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The ConvGRU / ConvLSTM aggregation cells (rla_ext/ops/conv_gru_cell.py, conv_lstm_cell.py); CPU only,
   // other devices run the reference. GRU stats: (N, 3, 2) per-sample (mean, rstd) of the r, u, output norms.
   m.def("conv_gru_cell_kernel_fwd(Tensor x, Tensor h, Tensor gate_weight, Tensor gate_bias, Tensor output_weight, "

@@ -3,12 +3,16 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Optional.h>
 
 #include <algorithm>
 #include <string>
 
 #include "cpu/batchnorm.h"
+#include "cpu/isa.h"
 
 namespace rla_ext::cpu {
 
@@ -147,6 +151,77 @@ inline at::Tensor conv1x1_weight_grad_new(const at::Tensor& dout, const at::Tens
 // addmm by 25% on 2 cores: 1.4 vs 2.0 ms at N=8, C=512, 28x28).
 inline at::Tensor conv1x1_input_grad(const at::Tensor& dout, const at::Tensor& w, at::MemoryFormat fmt) {
   return conv1x1_new(dout, w.t(), fmt);
+}
+
+// ---------------------------------------------------------------- the RLA state's 2x2 pooling
+// (rla_update and rla_update_and_entry). Floor mode: rows / columns of h beyond 2H / 2W are dropped.
+
+// Visits every 2x2 window of pooling `big` (N, k, Hb, Wb) down to (N, k, H, W): f(dst, src0..src3)
+// with dst the linear offset in the small tensor and src* those of the window in the big one.
+// Rows/columns of `big` beyond 2H / 2W (floor mode) are never visited.
+template <typename F>
+void for_each_window(const at::Tensor& big, const at::Tensor& small, bool cl, const F& f) {
+  const int64_t N = small.size(0), K = small.size(1), H = small.size(2), W = small.size(3);
+  const int64_t Hb = big.size(2), Wb = big.size(3);
+  at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / H, i = r % H;
+      isa_dispatch([&] {
+        if (cl) {
+          for (int64_t j = 0; j < W; ++j) {
+            const int64_t dst = ((n * H + i) * W + j) * K;
+            const int64_t s0 = ((n * Hb + 2 * i) * Wb + 2 * j) * K, s1 = s0 + K, s2 = s0 + Wb * K, s3 = s2 + K;
+            for (int64_t c = 0; c < K; ++c) f(dst + c, s0 + c, s1 + c, s2 + c, s3 + c);
+          }
+        } else {
+          for (int64_t c = 0; c < K; ++c) {
+            const int64_t dst = ((n * K + c) * H + i) * W;
+            const int64_t s0 = ((n * K + c) * Hb + 2 * i) * Wb;
+            for (int64_t j = 0; j < W; ++j)
+              f(dst + j, s0 + 2 * j, s0 + 2 * j + 1, s0 + Wb + 2 * j, s0 + Wb + 2 * j + 1);
+          }
+        }
+      });
+    }
+  });
+}
+
+// s += pool?(h), in place (s and h in the same memory format; `cl` says which).
+inline void add_state(at::Tensor& s, const at::Tensor& h, bool pool, bool cl) {
+  if (!pool) {
+    s.add_(h);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "rla_add_pooled_state", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = h.const_data_ptr<scalar_t>();
+    scalar_t* dst = s.data_ptr<scalar_t>();
+    for_each_window(h, s, cl, [=](int64_t d, int64_t a, int64_t b, int64_t c, int64_t e) {
+      dst[d] = static_cast<scalar_t>(static_cast<acc_t>(dst[d]) +
+                                     acc_t(0.25) * (static_cast<acc_t>(src[a]) + static_cast<acc_t>(src[b]) +
+                                                    static_cast<acc_t>(src[c]) + static_cast<acc_t>(src[e])));
+    });
+  });
+}
+
+// The gradient into h (shape of `h`, format `fmt`) given ds, the gradient at s = pool?(h) + ...
+inline at::Tensor state_grad(const at::Tensor& ds, const at::Tensor& h, bool pool, at::MemoryFormat fmt) {
+  if (!pool) return ds;
+  at::Tensor dh = at::empty(h.sizes(), ds.options().memory_format(fmt)).zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ds.scalar_type(), "rla_unpool_state_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = ds.const_data_ptr<scalar_t>();
+    scalar_t* dst = dh.data_ptr<scalar_t>();
+    for_each_window(dh, ds, fmt == at::MemoryFormat::ChannelsLast,
+                    [=](int64_t d, int64_t a0, int64_t a1, int64_t a2, int64_t a3) {
+      const scalar_t q = static_cast<scalar_t>(acc_t(0.25) * static_cast<acc_t>(src[d]));
+      dst[a0] = q;
+      dst[a1] = q;
+      dst[a2] = q;
+      dst[a3] = q;
+    });
+  });
+  return dh;
 }
 
 }  // namespace rla_ext::cpu

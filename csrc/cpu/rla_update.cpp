@@ -35,36 +35,6 @@ void check_inputs(const at::Tensor& h, const at::Tensor& y, const at::Tensor& ou
   check_stat(kOp, "beta", beta, k, sd);
 }
 
-// Visits every 2x2 window of pooling `big` (N, k, Hb, Wb) down to (N, k, H, W): f(dst, src0..src3)
-// with dst the linear offset in the small tensor and src* those of the window in the big one.
-// Rows/columns of `big` beyond 2H / 2W (floor mode) are never visited.
-template <typename F>
-void for_each_window(const at::Tensor& big, const at::Tensor& small, bool cl, const F& f) {
-  const int64_t N = small.size(0), K = small.size(1), H = small.size(2), W = small.size(3);
-  const int64_t Hb = big.size(2), Wb = big.size(3);
-  at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / H, i = r % H;
-      isa_dispatch([&] {
-        if (cl) {
-          for (int64_t j = 0; j < W; ++j) {
-            const int64_t dst = ((n * H + i) * W + j) * K;
-            const int64_t s0 = ((n * Hb + 2 * i) * Wb + 2 * j) * K, s1 = s0 + K, s2 = s0 + Wb * K, s3 = s2 + K;
-            for (int64_t c = 0; c < K; ++c) f(dst + c, s0 + c, s1 + c, s2 + c, s3 + c);
-          }
-        } else {
-          for (int64_t c = 0; c < K; ++c) {
-            const int64_t dst = ((n * K + c) * H + i) * W;
-            const int64_t s0 = ((n * K + c) * Hb + 2 * i) * Wb;
-            for (int64_t j = 0; j < W; ++j)
-              f(dst + j, s0 + 2 * j, s0 + 2 * j + 1, s0 + Wb + 2 * j, s0 + Wb + 2 * j + 1);
-          }
-        }
-      });
-    }
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& h_in, const at::Tensor& y_in, const at::Tensor& out_weight, const at::Tensor& gamma,
     const at::Tensor& beta, const c10::optional<at::Tensor>& mean_in, const c10::optional<at::Tensor>& var_in,
@@ -75,20 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   const at::Tensor h = h_in.contiguous(fmt), y = y_in.contiguous(fmt), w = out_weight.contiguous();
   const int64_t k = h.size(1);
   at::Tensor s = conv1x1_new(y, w, fmt);
-  if (pool) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_pool", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* src = h.const_data_ptr<scalar_t>();
-      scalar_t* dst = s.data_ptr<scalar_t>();
-      for_each_window(h, s, cl, [=](int64_t d, int64_t a, int64_t b, int64_t c, int64_t e) {
-        dst[d] = static_cast<scalar_t>(static_cast<acc_t>(dst[d]) +
-                                       acc_t(0.25) * (static_cast<acc_t>(src[a]) + static_cast<acc_t>(src[b]) +
-                                                      static_cast<acc_t>(src[c]) + static_cast<acc_t>(src[e])));
-      });
-    });
-  } else {
-    s.add_(h);
-  }
+  add_state(s, h, pool, cl);
 
   StatInputs st = stat_inputs(kOp, mean_in, var_in, k, stat_dtype(y.scalar_type()));
   const at::Tensor g = gamma.contiguous(), b = beta.contiguous();
@@ -163,22 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   at::Tensor dy = conv1x1_input_grad(ds, w, fmt);
   at::Tensor dw = conv1x1_weight_grad_new(ds, y, w, cl);
-  at::Tensor dh = ds;
-  if (pool) {
-    dh = at::empty(h_in.sizes(), ds.options().memory_format(fmt)).zero_();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_unpool", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* src = ds.const_data_ptr<scalar_t>();
-      scalar_t* dst = dh.data_ptr<scalar_t>();
-      for_each_window(dh, ds, cl, [=](int64_t d, int64_t a0, int64_t a1, int64_t a2, int64_t a3) {
-        const scalar_t q = static_cast<scalar_t>(acc_t(0.25) * static_cast<acc_t>(src[d]));
-        dst[a0] = q;
-        dst[a1] = q;
-        dst[a2] = q;
-        dst[a3] = q;
-      });
-    });
-  }
+  at::Tensor dh = state_grad(ds, h_in, pool, fmt);
   return {dh, dy, dw, drec, dgamma, dbeta};
 }
 

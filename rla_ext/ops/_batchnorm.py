@@ -35,11 +35,13 @@ def check_training_batch(count: int, shape: torch.Size | tuple[int, ...], traini
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(shape)}")
 
 
-def check_eval_stats(running_mean: Tensor | None, running_var: Tensor | None, training: bool) -> None:
+def check_eval_stats(running_mean: Tensor | None, running_var: Tensor | None, training: bool,
+                     prefix: str = "") -> None:
+    names = f"{prefix}running_mean, {prefix}running_var"
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean, running_var: give both or neither")
+        raise ValueError(f"{names}: give both or neither")
     if not training and running_mean is None:
-        raise ValueError("running_mean, running_var: required when training=False (eval mode normalises with "
+        raise ValueError(f"{names}: required when training=False (eval mode normalises with "
                          "them); pass training=True to normalise with batch statistics instead")
 
 
@@ -72,17 +74,18 @@ def reduce_grad_dtype(grad: Tensor | None, like: Tensor | None) -> Tensor | None
 
 def check_arguments(bn_weight: Tensor | None, bn_bias: Tensor | None, running_mean: Tensor | None,
                     running_var: Tensor | None, training: bool, momentum: float | None, eps: float, *,
-                    out_shape: tuple[int, int, int, int], like: Tensor, like_name: str) -> tuple:
+                    out_shape: tuple[int, int, int, int], like: Tensor, like_name: str, prefix: str = "") -> tuple:
     """Every BatchNorm argument of a fused op checked against the op's (N, channels, H, W) output.
 
     Returns (bn_weight, bn_bias, running_mean, running_var, training, momentum, eps), normalised.
+    `prefix` goes before every argument name in errors (an op with two BatchNorms: "entry_").
     """
     n, channels, hh, ww = out_shape
-    bn_weight = v.channel_vector("bn_weight", bn_weight, channels, like, like_name)
-    bn_bias = v.channel_vector("bn_bias", bn_bias, channels, like, like_name)
-    running_mean = v.channel_vector("running_mean", running_mean, channels, like, like_name)
-    running_var = v.channel_vector("running_var", running_var, channels, like, like_name)
-    training, momentum, eps = v.check_scalars(training, momentum, eps)
-    check_eval_stats(running_mean, running_var, training)
+    bn_weight = v.channel_vector(f"{prefix}bn_weight", bn_weight, channels, like, like_name)
+    bn_bias = v.channel_vector(f"{prefix}bn_bias", bn_bias, channels, like, like_name)
+    running_mean = v.channel_vector(f"{prefix}running_mean", running_mean, channels, like, like_name)
+    running_var = v.channel_vector(f"{prefix}running_var", running_var, channels, like, like_name)
+    training, momentum, eps = v.check_scalars(training, momentum, eps, prefix)
+    check_eval_stats(running_mean, running_var, training, prefix)
     check_training_batch(n * hh * ww, out_shape, training)
     return bn_weight, bn_bias, running_mean, running_var, training, momentum, eps

@@ -105,15 +105,16 @@ def channel_vector(name: str, t: object, channels: int, ref: Tensor, ref_name: s
     return t
 
 
-def check_scalars(training: object, momentum: object, eps: object) -> tuple[bool, float, float]:
+def check_scalars(training: object, momentum: object, eps: object, prefix: str = "") -> tuple[bool, float, float]:
+    """`prefix` goes before momentum's and eps's names in errors (an op with two BatchNorms: "entry_")."""
     if not isinstance(training, bool):
         raise TypeError(f"training: expected a bool, got {type(training).__name__}")
     if isinstance(momentum, bool) or not isinstance(momentum, Real):
-        raise TypeError(f"momentum: expected a float (the resolved averaging factor), got {momentum!r}")
+        raise TypeError(f"{prefix}momentum: expected a float (the resolved averaging factor), got {momentum!r}")
     if isinstance(eps, bool) or not isinstance(eps, Real):
-        raise TypeError(f"eps: expected a float, got {eps!r}")
+        raise TypeError(f"{prefix}eps: expected a float, got {eps!r}")
     if not eps >= 0:
-        raise ValueError(f"eps: expected a non-negative value, got {eps}")
+        raise ValueError(f"{prefix}eps: expected a non-negative value, got {eps}")
     return training, float(momentum), float(eps)
 
 
@@ -199,6 +200,22 @@ def pool_state(h: Tensor, pool_mode: str = "floor") -> Tensor:
     """The 2x2 average pooling (stride 2) of an RLA state (N, k, Hh, Wh) in ``pool_mode`` (see
     :func:`check_pool_mode`). Differentiable; keeps h's memory format."""
     return F.avg_pool2d(h, kernel_size=2, stride=2, ceil_mode=pool_mode == "ceil")
+
+
+def check_update_state(h: Tensor, y: Tensor, pool: bool, pool_mode: str) -> None:
+    """h (N, k, Hh, Wh) beside the update's y (N, C, H, W): the same batch, and (H, W) the size of h after
+    the optional pooling in ``pool_mode`` (rla_update and rla_update_and_entry)."""
+    n, _, hy, wy = y.shape
+    want = state_size(h.shape[2], h.shape[3], pool, pool_mode)
+    if h.shape[0] != n or want != (hy, wy):
+        how = "spatial size"
+        if pool:
+            how = "2x2-pooled spatial size" + (" (ceil mode)" if pool_mode == "ceil" else "")
+        hint = ""
+        if pool and pool_mode == "floor" and state_size(h.shape[2], h.shape[3], pool, "ceil") == (hy, wy):
+            hint = "; pool_mode='ceil' pools odd sides up to the stride-2 convolutions' size"
+        raise ValueError(f"h: shape {tuple(h.shape)} does not match y {tuple(y.shape)} (batch must be equal and the "
+                         f"{how} of h, {want}, must equal y's {(hy, wy)}){hint}")
 
 
 def prepool_for_kernel(h: Tensor, pool: bool, pool_mode: str) -> tuple[Tensor, bool]:

@@ -175,16 +175,7 @@ def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | Non
     if not isinstance(pool, bool):
         raise TypeError(f"pool: expected a bool, got {type(pool).__name__}")
     pool_mode = v.check_pool_mode(pool_mode)
-    want = v.state_size(h.shape[2], h.shape[3], pool, pool_mode)
-    if h.shape[0] != n or want != (hy, wy):
-        how = "spatial size"
-        if pool:
-            how = "2x2-pooled spatial size" + (" (ceil mode)" if pool_mode == "ceil" else "")
-        hint = ""
-        if pool and pool_mode == "floor" and v.state_size(h.shape[2], h.shape[3], pool, "ceil") == (hy, wy):
-            hint = "; pool_mode='ceil' pools odd sides up to the stride-2 convolutions' size"
-        raise ValueError(f"h: shape {tuple(h.shape)} does not match y {tuple(y.shape)} (batch must be equal and the "
-                         f"{how} of h, {want}, must equal y's {(hy, wy)}){hint}")
+    v.check_update_state(h, y, pool, pool_mode)
     w_out = v.weight_matrix("out_weight", out_weight, k, c, y, "y", f"C = {c}, the channels of y")
     w_rec = v.conv3x3_weight("rec_weight", rec_weight, k, y, "y")
     bn_weight, bn_bias, running_mean, running_var, training, momentum, eps = bn.check_arguments(

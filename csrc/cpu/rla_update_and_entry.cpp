@@ -1,0 +1,229 @@
+// The block boundary on CPU: the RLA update of step t and the next block's entry, sharing the read of
+// the block output y. Contract: docs/ARCHITECTURE.md ("Op C").
+//
+//   P = [W_entry[:, :C] ; W_out] @ y            ONE GEMM over y, (Ce + k) output channels
+//   s = pool?(h) + P[Ce:]                        then rla_update's remainder:
+//   h_next = conv3x3(tanh(bn_u(s)), rec_weight)
+//   z = P[:Ce] + W_entry[:, C:] @ h_next         then concat_conv_bn_act's remainder:
+//   out = act(bn_e(z))
+//
+// Backward mirrors it: dz (entry BN backward) gives the entry's share of dh_next (W_entry[:, C:]^T dz),
+// which joins grad_h_next on the way back through the update to ds; the gradient into y from both
+// consumers is then ONE dgrad GEMM with the stacked weight over dP = [dz ; ds], and both weights'
+// y-columns come from ONE weight-gradient pass over y. The BatchNorm passes and the pooling are the
+// same helpers the two single ops use (cpu/batchnorm.h, cpu/common.h).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/batchnorm.h"
+#include "cpu/common.h"
+
+namespace rla_ext::cpu {
+namespace {
+
+constexpr const char* kOp = "rla_update_and_entry";
+
+void check_inputs(const at::Tensor& h, const at::Tensor& y, const at::Tensor& out_weight, const at::Tensor& gamma,
+                  const at::Tensor& beta, const at::Tensor& rec_weight, const at::Tensor& entry_weight,
+                  const at::Tensor& entry_gamma, const at::Tensor& entry_beta, bool pool) {
+  check_activation(kOp, "y", y, y, "y");
+  check_activation(kOp, "h", h, y, "y");
+  const int64_t k = h.size(1), C = y.size(1);
+  const int64_t hh = pool ? h.size(2) / 2 : h.size(2), hw = pool ? h.size(3) / 2 : h.size(3);
+  TORCH_CHECK(h.size(0) == y.size(0) && hh == y.size(2) && hw == y.size(3), kOp, ": h ", h.sizes(),
+              " does not match y ", y.sizes(), pool ? " (with pool, h's H, W halved (floor) must equal y's)"
+                                                    : " (N, H, W must be equal)");
+  check_weight(kOp, "out_weight", out_weight, {k, C}, y, "y");
+  check_weight(kOp, "rec_weight", rec_weight, {k, k, 3, 3}, y, "y");
+  TORCH_CHECK(entry_weight.dim() == 2, kOp, ": entry_weight must be a 2-D (C_entry, C + k) matrix, got shape ",
+              entry_weight.sizes());
+  check_weight(kOp, "entry_weight", entry_weight, {entry_weight.size(0), C + k}, y, "y");
+  const auto sd = stat_dtype(y.scalar_type());
+  check_stat(kOp, "gamma", gamma, k, sd);
+  check_stat(kOp, "beta", beta, k, sd);
+  check_stat(kOp, "entry_gamma", entry_gamma, entry_weight.size(0), sd);
+  check_stat(kOp, "entry_beta", entry_beta, entry_weight.size(0), sd);
+}
+
+// [entry_weight[:, :C] ; out_weight]: the (Ce + k, C) weight of the one GEMM over y.
+at::Tensor stacked_weight(const at::Tensor& out_weight, const at::Tensor& entry_weight, int64_t C) {
+  return at::cat({entry_weight.narrow(1, 0, C), out_weight}, 0).contiguous();
+}
+
+template <typename F>
+void with_act(bool relu, const F& body) {
+  if (relu) body(ActRelu{});
+  else body(ActIdentity{});
+}
+
+// Returns (h_next, s, mean, var, out, z, entry_mean, entry_var): h_next and s as rla_update's kernel
+// returns out and s, out and z as concat_conv_bn_act's kernel returns them for x = y, h = h_next.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& h_in, const at::Tensor& y_in, const at::Tensor& out_weight, const at::Tensor& gamma,
+    const at::Tensor& beta, const c10::optional<at::Tensor>& mean_in, const c10::optional<at::Tensor>& var_in,
+    const at::Tensor& rec_weight, const at::Tensor& entry_weight, const at::Tensor& entry_gamma,
+    const at::Tensor& entry_beta, const c10::optional<at::Tensor>& entry_mean_in,
+    const c10::optional<at::Tensor>& entry_var_in, bool pool, double eps, double entry_eps, bool relu) {
+  check_inputs(h_in, y_in, out_weight, gamma, beta, rec_weight, entry_weight, entry_gamma, entry_beta, pool);
+  const auto fmt = memory_format_of(y_in);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor h = h_in.contiguous(fmt), y = y_in.contiguous(fmt), we = entry_weight.contiguous();
+  const int64_t C = y.size(1), k = h.size(1), Ce = we.size(0);
+  const auto sd = stat_dtype(y.scalar_type());
+
+  // The shared read: one GEMM over y gives the entry's x-part (channels [0, Ce)) and o (the rest).
+  const at::Tensor P = conv1x1_new(y, stacked_weight(out_weight.contiguous(), we, C), fmt);
+
+  // The update: s = o + pool?(h), BatchNorm + tanh, the 3x3 recurrent conv.
+  at::Tensor s = P.narrow(1, Ce, k).contiguous(fmt);
+  add_state(s, h, pool, cl);
+  StatInputs st = stat_inputs(kOp, mean_in, var_in, k, sd);
+  const at::Tensor g = gamma.contiguous(), b = beta.contiguous();
+  at::Tensor a = at::empty_like(s);
+  const ChannelLayout Ls = layout_of(s, fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_and_entry_update", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (st.training)
+      batch_stats(s.const_data_ptr<scalar_t>(), Ls, st.mean.data_ptr<acc_t>(), st.var.data_ptr<acc_t>());
+    normalize_act<ActTanh>(s.const_data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), Ls, st.mean.const_data_ptr<acc_t>(),
+                           st.var.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps);
+  });
+  at::Tensor h_next = at::conv2d(a, rec_weight.contiguous(), {}, 1, 1).contiguous(fmt);
+
+  // The entry: z = P[:, :Ce] + W_entry_h @ h_next, BatchNorm + activation.
+  at::Tensor z = P.narrow(1, 0, Ce).contiguous(fmt);
+  conv1x1(z, we.narrow(1, C, k), h_next, cl, true);
+  StatInputs se = stat_inputs(kOp, entry_mean_in, entry_var_in, Ce, sd);
+  const at::Tensor ge = entry_gamma.contiguous(), be = entry_beta.contiguous();
+  at::Tensor out = at::empty_like(z);
+  const ChannelLayout Lz = layout_of(z, fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_and_entry_entry", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (se.training)
+      batch_stats(z.const_data_ptr<scalar_t>(), Lz, se.mean.data_ptr<acc_t>(), se.var.data_ptr<acc_t>());
+    with_act(relu, [&](auto act) {
+      normalize_act<decltype(act)>(z.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), Lz,
+                                   se.mean.const_data_ptr<acc_t>(), se.var.const_data_ptr<acc_t>(),
+                                   ge.const_data_ptr<acc_t>(), be.const_data_ptr<acc_t>(), entry_eps);
+    });
+  });
+  return {h_next, s, st.mean, st.var, out, z, se.mean, se.var};
+}
+
+void check_saved(const at::Tensor& t, const char* name, std::vector<int64_t> shape, const at::Tensor& y) {
+  check_activation(kOp, name, t, y, "y");
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), kOp, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// Returns (dh, dy, dout_weight, drec_weight, dgamma, dbeta, dentry_weight, dentry_gamma, dentry_beta).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+backward(const at::Tensor& grad_h_next, const at::Tensor& grad_out, const at::Tensor& h_in, const at::Tensor& y_in,
+         const at::Tensor& out_weight, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& rec_weight,
+         const at::Tensor& s_in, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& h_next_in,
+         const at::Tensor& entry_weight, const at::Tensor& entry_gamma, const at::Tensor& entry_beta,
+         const at::Tensor& z_in, const at::Tensor& entry_mean, const at::Tensor& entry_var, bool pool, double eps,
+         double entry_eps, bool relu, bool training) {
+  check_inputs(h_in, y_in, out_weight, gamma, beta, rec_weight, entry_weight, entry_gamma, entry_beta, pool);
+  const int64_t N = y_in.size(0), C = y_in.size(1), k = h_in.size(1), Ce = entry_weight.size(0);
+  const int64_t H = y_in.size(2), W = y_in.size(3);
+  check_saved(s_in, "s", {N, k, H, W}, y_in);
+  check_saved(h_next_in, "h_next", {N, k, H, W}, y_in);
+  check_saved(grad_h_next, "grad_h_next", {N, k, H, W}, y_in);
+  check_saved(z_in, "z", {N, Ce, H, W}, y_in);
+  check_saved(grad_out, "grad_out", {N, Ce, H, W}, y_in);
+  const auto sd = stat_dtype(y_in.scalar_type());
+  check_stat(kOp, "mean", mean, k, sd);
+  check_stat(kOp, "var", var, k, sd);
+  check_stat(kOp, "entry_mean", entry_mean, Ce, sd);
+  check_stat(kOp, "entry_var", entry_var, Ce, sd);
+
+  const auto fmt = memory_format_of(y_in);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor y = y_in.contiguous(fmt), we = entry_weight.contiguous(), wr = rec_weight.contiguous();
+  const at::Tensor s = s_in.contiguous(fmt), z = z_in.contiguous(fmt), h_next = h_next_in.contiguous(fmt);
+  const at::Tensor go = grad_out.contiguous(fmt);
+
+  // The entry's BatchNorm + activation backward: dz, dentry_gamma, dentry_beta.
+  const at::Tensor me = entry_mean.contiguous(), ve = entry_var.contiguous();
+  const at::Tensor ge = entry_gamma.contiguous(), be = entry_beta.contiguous();
+  at::Tensor dz = at::empty_like(z);
+  at::Tensor dgamma_e = at::empty({Ce}, ge.options()), dbeta_e = at::empty({Ce}, ge.options());
+  const ChannelLayout Lz = layout_of(z, fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_and_entry_entry_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_act(relu, [&](auto act) {
+      bn_act_backward<decltype(act)>(go.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
+                                     dz.data_ptr<scalar_t>(), Lz, me.const_data_ptr<acc_t>(),
+                                     ve.const_data_ptr<acc_t>(), ge.const_data_ptr<acc_t>(),
+                                     be.const_data_ptr<acc_t>(), entry_eps, training, dgamma_e.data_ptr<acc_t>(),
+                                     dbeta_e.data_ptr<acc_t>());
+    });
+  });
+  // The entry's h-columns: their weight gradient, and the gradient they send into h_next, which joins
+  // the gradient h_next gets from its own consumers.
+  const at::Tensor we_h = we.narrow(1, C, k);
+  at::Tensor dwe = at::empty({Ce, C + k}, we.options());
+  conv1x1_weight_grad(dwe.narrow(1, C, k), dz, h_next, cl);
+  at::Tensor go_u = conv1x1_input_grad(dz, we_h, fmt);
+  go_u.add_(grad_h_next.contiguous(fmt));
+
+  // The update's backward from h_next to s (as rla_update's kernel: recompute a = tanh(bn(s))).
+  const at::Tensor m = mean.contiguous(), v = var.contiguous(), g = gamma.contiguous(), b = beta.contiguous();
+  const ChannelLayout Ls = layout_of(s, fmt);
+  at::Tensor a = at::empty_like(s);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_and_entry_recompute", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    normalize_act<ActTanh>(s.const_data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), Ls, m.const_data_ptr<acc_t>(),
+                           v.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps);
+  });
+  auto conv_grads = at::convolution_backward(go_u, a, wr, c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
+                                             {true, true, false});
+  at::Tensor da = std::get<0>(conv_grads).contiguous(fmt);
+  at::Tensor drec = std::get<1>(conv_grads).contiguous();
+  at::Tensor ds = at::empty_like(s);
+  at::Tensor dgamma = at::empty({k}, g.options()), dbeta = at::empty({k}, g.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_and_entry_update_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto run = [&](auto act) {
+      bn_act_backward<decltype(act)>(da.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+                                     ds.data_ptr<scalar_t>(), Ls, m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(),
+                                     g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps, training,
+                                     dgamma.data_ptr<acc_t>(), dbeta.data_ptr<acc_t>());
+    };
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      // As rla_update's kernel: tanh' = 1 - a^2 from a in full precision; half types recompute tanh.
+      scalar_t* gd = da.data_ptr<scalar_t>();
+      const scalar_t* av = a.const_data_ptr<scalar_t>();
+      for_each_element(Ls, [=](int64_t i, int64_t) { gd[i] = gd[i] * (scalar_t(1) - av[i] * av[i]); });
+      run(ActIdentity{});
+    } else {
+      run(ActTanh{});
+    }
+  });
+
+  // The shared read, backward: dP = [dz ; ds] against the stacked weight. One dgrad GEMM gives dy from
+  // both consumers; one weight-gradient pass over y gives both weights' y-columns.
+  const at::Tensor dP = at::cat({dz, ds}, 1).contiguous(fmt);
+  const at::Tensor ws = stacked_weight(out_weight.contiguous(), we, C);
+  at::Tensor dy = conv1x1_input_grad(dP, ws, fmt);
+  at::Tensor dws = conv1x1_weight_grad_new(dP, y, ws, cl);
+  dwe.narrow(1, 0, C).copy_(dws.narrow(0, 0, Ce));
+  at::Tensor dw_out = dws.narrow(0, Ce, k).clone();  // its own storage, as the fake kernel promises
+  at::Tensor dh = state_grad(ds, h_in, pool, fmt);
+  return {dh, dy, dw_out, drec, dgamma, dbeta, dwe, dgamma_e, dbeta_e};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rla_ext, CPU, m) {
+  m.impl("rla_update_and_entry_kernel_fwd", &forward);
+  m.impl("rla_update_and_entry_kernel_bwd", &backward);
+}
+
+}  // namespace rla_ext::cpu

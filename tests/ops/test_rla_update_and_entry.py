@@ -1,0 +1,280 @@
+"""rla_update_and_entry (the block boundary): every backend that has it against the composition of
+rla_update and concat_conv_bn_act on the `torch` reference (values, running statistics, every gradient),
+gradcheck in float64, the custom ops (opcheck, torch.compile), the shared read of y, bad input, and
+the backends it does not have yet."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rla_ext
+from rla_ext.ops import concat_conv_bn_act, rla_update, rla_update_and_entry
+from rla_testing import HALF, assert_close, make_update_inputs, param_dtype
+
+pytestmark = pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_lower_isa.py
+
+BACKENDS = ["torch"] + [b for b in rla_ext.available_backends("cpu") if b == "cpp"]
+FORMATS = ["contiguous", "channels_last"]
+# (N, C, k, C_entry, (H, W) of y): odd sizes (pooling then drops h's last row / column), N=1, H=W=1.
+CASES = [(2, 8, 4, 6, (4, 4)), (1, 5, 3, 7, (3, 5)), (3, 7, 2, 3, (1, 1))]
+UPDATE = ("out_weight", "bn_weight", "bn_bias", "running_mean", "running_var", "rec_weight")
+ENTRY = ("entry_weight", "entry_bn_weight", "entry_bn_bias", "entry_running_mean", "entry_running_var")
+DIFFERENTIABLE = ("h", "y", "out_weight", "bn_weight", "bn_bias", "rec_weight", "entry_weight", "entry_bn_weight",
+                  "entry_bn_bias")
+
+
+def make_inputs(n, c, k, ce, hw, pool, dtype, fmt, seed=0, affine=True):
+    """rla_update's inputs (rla_testing.make_update_inputs) plus the next block's entry."""
+    inp = make_update_inputs(n, c, k, hw, pool, dtype, "cpu", fmt, seed=seed, affine=affine)
+    g = torch.Generator().manual_seed(seed + 1000)
+    pd = param_dtype(dtype)
+    rnd = lambda *s, dt=dtype: torch.randn(*s, generator=g, dtype=torch.float64).to(dt)  # noqa: E731
+    inp.update(entry_weight=rnd(ce, c + k, 1, 1) * (c + k) ** -0.5,
+               entry_bn_weight=1 + 0.3 * rnd(ce, dt=pd) if affine else None,
+               entry_bn_bias=0.2 * rnd(ce, dt=pd) if affine else None,
+               entry_running_mean=0.1 * rnd(ce, dt=pd),
+               entry_running_var=(0.5 + torch.rand(ce, generator=g, dtype=torch.float64)).to(pd))
+    return inp
+
+
+def clone(inp, dtype=None):
+    out = {}
+    for name, t in inp.items():
+        if t is not None:
+            t = t.detach().clone(memory_format=torch.preserve_format)
+            t = t.to(dtype) if dtype is not None else t
+            t.requires_grad_(name in DIFFERENTIABLE)
+        out[name] = t
+    return out
+
+
+def composition(inp, *, pool=False, pool_mode="floor", training, momentum=0.1, eps=1e-5, entry_momentum=0.1,
+                entry_eps=1e-5, activation="relu", backend=None):
+    """What the boundary op must equal: rla_update, then concat_conv_bn_act(y, h_next)."""
+    h_next = rla_update(inp["h"], inp["y"], *(inp[n] for n in UPDATE), pool=pool, pool_mode=pool_mode,
+                        training=training, momentum=momentum, eps=eps, backend=backend)
+    out = concat_conv_bn_act(inp["y"], h_next, *(inp[n] for n in ENTRY), training=training, momentum=entry_momentum,
+                             eps=entry_eps, activation=activation, backend=backend)
+    return h_next, out
+
+
+def fused(inp, **kw):
+    return rla_update_and_entry(inp["h"], inp["y"], *(inp[n] for n in UPDATE), *(inp[n] for n in ENTRY), **kw)
+
+
+def run(fn, inp, **kw):
+    """Forward + backward with fixed random upstream gradients into both outputs; returns
+    ({outputs, gradients, running statistics by name})."""
+    h_next, out = fn(inp, **kw)
+    g = torch.Generator().manual_seed(7)
+    gh = torch.randn(h_next.shape, generator=g, dtype=torch.float64).to(h_next.dtype)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    ((h_next * gh).sum() + (out * go).sum()).backward()
+    res = {"h_next": h_next.detach(), "entry_out": out.detach()}
+    res.update({f"grad of {n}": t.grad for n, t in inp.items() if t is not None and t.requires_grad})
+    res.update({n: inp[n] for n in ("running_mean", "running_var", "entry_running_mean", "entry_running_var")
+                if inp[n] is not None})
+    return res
+
+
+def compare(inp, backend, dtype, **kw):
+    got = run(fused, clone(inp), backend=backend, **kw)
+    ref = run(composition, clone(inp), backend="torch", **kw)
+    ref64 = run(composition, clone(inp, torch.float64), backend="torch", **kw) if dtype in HALF else None
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert_close(got[name], ref[name], dtype, name, ref64[name] if ref64 else None)
+    return got
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("pool", [False, True], ids=["nopool", "pool"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_composition(backend, dtype, fmt, training, pool, case):
+    n, c, k, ce, hw = case
+    inp = make_inputs(n, c, k, ce, hw, pool, dtype, fmt, seed=n * 17 + c)
+    got = compare(inp, backend, dtype, pool=pool, training=training, momentum=0.1, entry_momentum=0.3)
+    want = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    assert got["h_next"].is_contiguous(memory_format=want) and got["entry_out"].is_contiguous(memory_format=want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", sorted(HALF, key=str), ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_half_matches_composition(backend, dtype, fmt):
+    inp = make_inputs(2, 9, 4, 5, (3, 4), True, dtype, fmt, seed=3)
+    compare(inp, backend, dtype, pool=True, training=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("affine", [True, False])
+def test_options(backend, affine):
+    """activation "none", no affine parameters, no running statistics (training), eps / momentum per BN,
+    2-D weights, h in another memory format than y, pool_mode="ceil" at an odd side."""
+    inp = make_inputs(2, 6, 3, 5, (3, 3), True, torch.float64, "channels_last", affine=affine)
+    inp["running_mean"] = inp["running_var"] = inp["entry_running_mean"] = inp["entry_running_var"] = None
+    inp["h"] = inp["h"].contiguous()
+    inp["out_weight"] = inp["out_weight"][:, :, 0, 0]
+    inp["entry_weight"] = inp["entry_weight"][:, :, 0, 0]
+    compare(inp, backend, torch.float64, pool=True, training=True, momentum=0.2, eps=1e-3, entry_momentum=0.05,
+            entry_eps=1e-2, activation="none")
+    inp = make_inputs(2, 6, 3, 5, (3, 3), False, torch.float64, "contiguous", affine=affine)
+    inp["h"] = torch.randn(2, 3, 5, 5, dtype=torch.float64)  # ceil(5 / 2) = 3
+    compare(inp, backend, torch.float64, pool=True, pool_mode="ceil", training=True)
+
+
+def test_cpp_matches_cpp_composition():
+    """The fused kernel against the two cpp ops it replaces (float32, RLA-like channel ratios)."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("the cpp backend is not built")
+    inp = make_inputs(4, 64, 8, 16, (6, 6), True, torch.float32, "channels_last", seed=5)
+    got = run(fused, clone(inp), backend="cpp", pool=True, training=True)
+    ref = run(composition, clone(inp), backend="cpp", pool=True, training=True)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("pool", [False, True], ids=["nopool", "pool"])
+def test_gradcheck_float64(backend, training, pool):
+    inp = clone(make_inputs(1, 3, 2, 2, (3, 1) if pool else (3, 2), pool, torch.float64, "channels_last"))
+    names = list(DIFFERENTIABLE)
+
+    def fn(*args):
+        kw = dict(inp, **dict(zip(names, args)))
+        for n in ("running_mean", "running_var", "entry_running_mean", "entry_running_var"):
+            kw[n] = inp[n].detach().clone()
+        return fused(kw, pool=pool, training=training, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, tuple(inp[n] for n in names))
+
+
+def _canonical(fmt):
+    inp = make_inputs(2, 5, 3, 4, (3, 3), True, torch.float32, fmt)
+    return (inp["h"], inp["y"], inp["out_weight"][:, :, 0, 0].contiguous(), inp["bn_weight"], inp["bn_bias"],
+            inp["running_mean"], inp["running_var"], inp["rec_weight"], inp["entry_weight"][:, :, 0, 0].contiguous(),
+            inp["entry_bn_weight"], inp["entry_bn_bias"], inp["entry_running_mean"], inp["entry_running_var"])
+
+
+def _cpp_only():
+    if "cpp" not in BACKENDS:
+        pytest.skip("the cpp backend is not built")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck(fmt, training):
+    _cpp_only()
+    args = _canonical(fmt)
+    opts = (True, training, 0.1, 1e-5, 0.2, 1e-3, True, "cpp")
+    torch.library.opcheck(torch.ops.rla_ext.rla_update_and_entry_fwd.default, args + opts)
+    h_next, s, mean, var, out, z, emean, evar = torch.ops.rla_ext.rla_update_and_entry_fwd(*args, *opts)
+    h, y, wo, g, b, _, _, wr, we, ge, be, _, _ = args
+    torch.library.opcheck(torch.ops.rla_ext.rla_update_and_entry_bwd.default,
+                          (torch.randn_like(h_next), torch.randn_like(out), h, y, wo, g, b, wr, s, mean, var, h_next,
+                           we, ge, be, z, emean, evar, True, 1e-5, 1e-3, True, training, "cpp"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    inp0 = make_inputs(2, 5, 3, 6, (4, 4), True, torch.float32, "channels_last")
+
+    def step(inp):
+        h_next, out = fused(inp, pool=True, training=True, backend=backend)
+        return out.sum((2, 3)).mean() + h_next.square().mean()
+
+    results = []
+    for compiled in (False, True):
+        inp = clone(inp0)
+        fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+        loss = fn(inp)
+        loss.backward()
+        results.append([loss.detach()] + [inp[n].grad for n in DIFFERENTIABLE]
+                       + [inp["running_var"], inp["entry_running_mean"]])
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_cpp_reads_y_once_each_way():
+    """The cpp kernel's forward runs one GEMM over y (the stacked weight, C_entry + k outputs); backward
+    one dgrad GEMM into y and one weight-gradient pass over y, where the two ops run two of each."""
+    _cpp_only()
+    n, c, k, ce, hw = 2, 40, 4, 12, (5, 5)
+
+    def count_y_convs(fn):
+        inp = clone(make_inputs(n, c, k, ce, hw, False, torch.float32, "channels_last"))
+        with torch.profiler.profile(record_shapes=True) as prof:
+            h_next, out = fn(inp, training=True, backend="cpp")
+            (h_next.sum() + out.sum()).backward()
+        # The GEMM-like calls that read y (input [n, c, ...]) or write its gradient (output channels c).
+        y_shape = [n, c, *hw]
+        calls = [e for e in prof.events() if e.name in ("aten::convolution", "aten::convolution_backward",
+                                                        "aten::addmm", "aten::mm", "aten::mm_out")]
+        return [e.name for e in calls if y_shape in e.input_shapes or any(
+            len(s) == 4 and s[0] == c and s[2:] == [1, 1] for s in e.input_shapes[1:2])]
+
+    fused_reads = count_y_convs(fused)
+    # forward: the stacked GEMM; backward: the dgrad (a 1x1 conv with the transposed stacked weight,
+    # whose weight has c output channels) and one weight-gradient pass.
+    assert sorted(fused_reads) == ["aten::convolution", "aten::convolution", "aten::convolution_backward"], \
+        fused_reads
+    two_ops = count_y_convs(composition)
+    assert len(two_ops) == 2 * len(fused_reads), two_ops
+
+
+def _args(**over):
+    inp = make_inputs(2, 5, 3, 4, (3, 3), False, torch.float32, "contiguous")
+    inp.update(over)
+    return inp
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(entry_weight=torch.randn(4, 7)), ValueError, r"entry_weight: expected 8 input channels \(C \+ k = 5 \+ 3\)"),
+    (dict(entry_weight=torch.randn(4, 8, 3, 3)), ValueError, "entry_weight: expected a 1x1 kernel"),
+    (dict(entry_weight=torch.randn(4, 8, dtype=torch.float64)), TypeError, "entry_weight: expected dtype"),
+    (dict(entry_bn_weight=torch.ones(5)), ValueError, "entry_bn_weight: expected 4 values"),
+    (dict(entry_running_var=None), ValueError, "entry_running_mean, entry_running_var: give both or neither"),
+    (dict(out_weight=torch.randn(3, 6)), ValueError, "out_weight: expected 5 input channels"),
+    (dict(bn_bias=torch.ones(4)), ValueError, "bn_bias: expected 3 values"),
+    (dict(h=torch.randn(2, 3, 4, 3)), ValueError, "h: shape"),
+    (dict(y=torch.randn(0, 5, 3, 3), h=torch.randn(0, 3, 3, 3)), ValueError, "non-empty"),
+    (dict(y=torch.randn(1, 5, 1, 1), h=torch.randn(1, 3, 1, 1)), ValueError, "more than 1 value per channel"),
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input(backend, over, exc, match):
+    with pytest.raises(exc, match=match):
+        fused(_args(**over), training=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_options(backend):
+    with pytest.raises(TypeError, match="entry_momentum: expected a float"):
+        fused(_args(), training=True, entry_momentum=None, backend=backend)
+    with pytest.raises(ValueError, match="entry_eps: expected a non-negative value"):
+        fused(_args(), training=True, entry_eps=-1.0, backend=backend)
+    with pytest.raises(ValueError, match="activation"):
+        fused(_args(), training=True, activation="gelu", backend=backend)
+    with pytest.raises(ValueError, match="entry_running_mean, entry_running_var: required when training=False"):
+        fused(_args(entry_running_mean=None, entry_running_var=None), training=False, backend=backend)
+
+
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_unwritten_backends_refused(name):
+    with pytest.raises(rla_ext.BackendUnavailableError, match=f"'{name}' is not available for rla_update_and_entry"
+                                                              ".*not written yet"):
+        fused(_args(), training=True, backend=name)
+    with rla_ext.use_backend(name), pytest.raises(rla_ext.BackendUnavailableError, match="not written yet"):
+        fused(_args(), training=True)
+
+
+def test_auto_picks_a_backend_it_has():
+    inp = make_inputs(2, 5, 3, 4, (3, 3), False, torch.float64, "contiguous")
+    got = fused(clone(inp), training=True, backend="auto")
+    ref = composition(clone(inp), training=True, backend="torch")
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
