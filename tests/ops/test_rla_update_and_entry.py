@@ -204,6 +204,8 @@ def test_cpp_reads_y_once_each_way():
     """The cpp kernel's forward runs one GEMM over y (the stacked weight, C_entry + k outputs); backward
     one dgrad GEMM into y and one weight-gradient pass over y, where the two ops run two of each."""
     _cpp_only()
+    # Shapes where every 1x1 conv takes oneDNN's convolution (pixel rows >= channels; see conv1x1_new and
+    # weight_grad_by_onednn in csrc/cpu/common.h), so each read of y shows up as one profiled call.
     n, c, k, ce, hw = 2, 40, 4, 12, (5, 5)
 
     def count_y_convs(fn):
@@ -278,3 +280,34 @@ def test_auto_picks_a_backend_it_has():
     ref = composition(clone(inp), training=True, backend="torch")
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_in_the_autocast_dtype(backend):
+    """Under CPU autocast (bfloat16) activations and the three conv weights run in bfloat16, like the two
+    ops under autocast; the result is as close to the float64 composition as theirs."""
+    inp = make_inputs(2, 9, 4, 5, (3, 4), True, torch.float32, "channels_last", seed=11)
+    ref64 = composition(clone(inp, torch.float64), pool=True, training=True, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused(clone(inp), pool=True, training=True, backend=backend)
+        eager = composition(clone(inp), pool=True, training=True, backend="torch")
+    for g, e, r in zip(got, eager, ref64):
+        assert g.dtype == e.dtype == torch.bfloat16
+        assert_close(g, e, torch.bfloat16, "autocast output", r)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_cpu_isa_variant(fmt):
+    """The kernel's hot loops (the shared BatchNorm passes and pooling) under every instruction-set variant
+    this CPU runs (csrc/cpu/isa.h), against the composition on the reference."""
+    _cpp_only()
+    ops = torch.ops.rla_ext
+    isas = ("default", "avx2", "avx512")
+    start = ops.cpu_isa()
+    inp = make_inputs(2, 24, 8, 20, (9, 7), True, torch.float32, fmt, seed=4)
+    try:
+        for isa in isas[:isas.index(ops.cpu_isa_supported()) + 1]:
+            ops.set_cpu_isa(isa)
+            compare(inp, "cpp", torch.float32, pool=True, training=True)
+    finally:
+        ops.set_cpu_isa(start)
