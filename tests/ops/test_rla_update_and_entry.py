@@ -13,6 +13,7 @@ from rla_testing import HALF, assert_close, make_update_inputs, param_dtype
 
 pytestmark = pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_lower_isa.py
 
+_OP = "rla_update_and_entry"
 BACKENDS = ["torch"] + [b for b in rla_ext.available_backends("cpu") if b == "cpp"]
 FORMATS = ["contiguous", "channels_last"]
 # (N, C, k, C_entry, (H, W) of y): odd sizes (pooling then drops h's last row / column), N=1, H=W=1.
@@ -311,3 +312,45 @@ def test_every_cpu_isa_variant(fmt):
             compare(inp, "cpp", torch.float32, pool=True, training=True)
     finally:
         ops.set_cpu_isa(start)
+
+
+def test_eager_fast_path_and_dispatch_modes():
+    """Plain eager calls run the kernels without the custom-op dispatcher; a dispatch mode sees the custom
+    ops; fake tensors go through the fake kernels (rla_ext.ops._kernels.eager_fast_path)."""
+    _cpp_only()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    inp = make_inputs(2, 6, 4, 5, (3, 4), True, torch.float32, "channels_last")
+
+    def loss(i):
+        h_next, out = fused(i, pool=True, training=True, backend="cpp")
+        return h_next.sum() + out.sum()
+
+    with torch.profiler.profile() as prof:
+        loss(clone(inp)).backward()
+    events = {e.name for e in prof.events()}
+    assert {f"rla_ext::{_OP}_kernel_fwd", f"rla_ext::{_OP}_kernel_bwd"} <= events
+    assert not {f"rla_ext::{_OP}_fwd", f"rla_ext::{_OP}_bwd"} & events
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.name()))
+            return func(*args, **(kwargs or {}))
+
+    log = Log()
+    with log:
+        loss(clone(inp)).backward()
+    assert f"rla_ext::{_OP}_fwd" in log.names and f"rla_ext::{_OP}_bwd" in log.names
+
+    expected = fused(clone(inp), pool=True, training=True, backend="cpp")
+    with FakeTensorMode() as mode:
+        fake = {n: mode.from_tensor(t) if t is not None else None for n, t in inp.items()}
+        got = fused(fake, pool=True, training=True, backend="cpp")
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape and g.is_contiguous(memory_format=torch.channels_last)
+
