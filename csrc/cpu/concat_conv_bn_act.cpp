@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "cpu/batchnorm.h"
+#include "cpu/bn_act.h"
 #include "cpu/common.h"
 
 namespace rla_ext::cpu {
@@ -29,13 +30,6 @@ void check_inputs(const at::Tensor& x, const at::Tensor& h, const at::Tensor& we
   check_stat(kOp, "beta", beta, weight.size(0), sd);
 }
 
-// Runs `body` with Act = ActRelu or ActIdentity.
-template <typename F>
-void with_act(bool relu, const F& body) {
-  if (relu) body(ActRelu{});
-  else body(ActIdentity{});
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& weight, const at::Tensor& gamma,
     const at::Tensor& beta, const c10::optional<at::Tensor>& mean_in, const c10::optional<at::Tensor>& var_in,
@@ -49,18 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   conv1x1(z, w.narrow(1, C, k), h, cl, true);
 
   StatInputs st = stat_inputs(kOp, mean_in, var_in, Co, stat_dtype(x.scalar_type()));
-  const at::Tensor g = gamma.contiguous(), b = beta.contiguous();
-  at::Tensor out = at::empty_like(z);
-  const ChannelLayout L = layout_of(z, fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_conv_bn_act_fwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (st.training) batch_stats(z.const_data_ptr<scalar_t>(), L, st.mean.data_ptr<acc_t>(), st.var.data_ptr<acc_t>());
-    with_act(relu, [&](auto act) {
-      normalize_act<decltype(act)>(z.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), L,
-                                   st.mean.const_data_ptr<acc_t>(), st.var.const_data_ptr<acc_t>(),
-                                   g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps);
-    });
-  });
+  at::Tensor out = bn_act_forward(z, st, gamma, beta, eps, relu, fmt);
   return {out, z, st.mean, st.var};
 }
 
@@ -84,19 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt), w = weight.contiguous();
   const at::Tensor z = z_in.contiguous(fmt), go = grad_out.contiguous(fmt);
-  const at::Tensor m = mean.contiguous(), v = var.contiguous(), g = gamma.contiguous(), b = beta.contiguous();
-  at::Tensor dz = at::empty_like(z);
-  at::Tensor dgamma = at::empty({Co}, g.options()), dbeta = at::empty({Co}, g.options());
-  const ChannelLayout L = layout_of(z, fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_conv_bn_act_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    with_act(relu, [&](auto act) {
-      bn_act_backward<decltype(act)>(go.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
-                                     dz.data_ptr<scalar_t>(), L, m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(),
-                                     g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps, training,
-                                     dgamma.data_ptr<acc_t>(), dbeta.data_ptr<acc_t>());
-    });
-  });
+  auto [dz, dgamma, dbeta] = bn_act_backward_pass(go, z, mean, var, gamma, beta, eps, relu, training, fmt);
 
   at::Tensor dx = conv1x1_input_grad(dz, w.narrow(1, 0, C), fmt);
   at::Tensor dh = conv1x1_input_grad(dz, w.narrow(1, C, k), fmt);

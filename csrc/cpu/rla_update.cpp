@@ -8,11 +8,11 @@
 #include <torch/library.h>
 
 #include <tuple>
-#include <type_traits>
 
 #include "cpu/batchnorm.h"
 #include "cpu/common.h"
 #include "cpu/isa.h"
+#include "cpu/update_tail.h"
 
 namespace rla_ext::cpu {
 namespace {
@@ -48,16 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   add_state(s, h, pool, cl);
 
   StatInputs st = stat_inputs(kOp, mean_in, var_in, k, stat_dtype(y.scalar_type()));
-  const at::Tensor g = gamma.contiguous(), b = beta.contiguous();
-  at::Tensor a = at::empty_like(s);
-  const ChannelLayout L = layout_of(s, fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_fwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (st.training) batch_stats(s.const_data_ptr<scalar_t>(), L, st.mean.data_ptr<acc_t>(), st.var.data_ptr<acc_t>());
-    normalize_act<ActTanh>(s.const_data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), L, st.mean.const_data_ptr<acc_t>(),
-                           st.var.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps);
-  });
-  at::Tensor out = at::conv2d(a, rec_weight.contiguous(), {}, 1, 1).contiguous(fmt);
+  at::Tensor out = update_tail_forward(s, st, rec_weight, gamma, beta, eps, fmt);
   return {out, s, st.mean, st.var};
 }
 
@@ -79,44 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   const auto fmt = memory_format_of(y_in);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor y = y_in.contiguous(fmt), w = out_weight.contiguous(), wr = rec_weight.contiguous();
+  const at::Tensor y = y_in.contiguous(fmt), w = out_weight.contiguous();
   const at::Tensor s = s_in.contiguous(fmt), go = grad_out.contiguous(fmt);
-  const at::Tensor m = mean.contiguous(), v = var.contiguous(), g = gamma.contiguous(), b = beta.contiguous();
-  const ChannelLayout L = layout_of(s, fmt);
-
-  at::Tensor a = at::empty_like(s);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_recompute", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    normalize_act<ActTanh>(s.const_data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), L, m.const_data_ptr<acc_t>(),
-                           v.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps);
-  });
-  auto conv_grads = at::convolution_backward(go, a, wr, c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
-                                             {true, true, false});
-  at::Tensor da = std::get<0>(conv_grads).contiguous(fmt);
-  at::Tensor drec = std::get<1>(conv_grads).contiguous();
-
-  at::Tensor ds = at::empty_like(s);
-  at::Tensor dgamma = at::empty({k}, g.options()), dbeta = at::empty({k}, g.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto run = [&](auto act) {
-      bn_act_backward<decltype(act)>(da.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
-                                     ds.data_ptr<scalar_t>(), L, m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(),
-                                     g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps, training,
-                                     dgamma.data_ptr<acc_t>(), dbeta.data_ptr<acc_t>());
-    };
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      // a is as exact as the accumulator here, so tanh' = 1 - a^2 comes from it in one cheap pass
-      // instead of two more tanh evaluations. Half types recompute tanh in float: 1 - a^2 from a
-      // rounded to 8-11 bits loses most of its digits where |a| is near 1.
-      scalar_t* gd = da.data_ptr<scalar_t>();
-      const scalar_t* av = a.const_data_ptr<scalar_t>();
-      for_each_element(L, [=](int64_t i, int64_t) { gd[i] = gd[i] * (scalar_t(1) - av[i] * av[i]); });
-      run(ActIdentity{});
-    } else {
-      run(ActTanh{});
-    }
-  });
+  auto [ds, drec, dgamma, dbeta] =
+      update_tail_backward(go, s, rec_weight, mean, var, gamma, beta, eps, training, fmt);
 
   at::Tensor dy = conv1x1_input_grad(ds, w, fmt);
   at::Tensor dw = conv1x1_weight_grad_new(ds, y, w, cl);

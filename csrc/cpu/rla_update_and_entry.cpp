@@ -18,11 +18,12 @@
 #include <torch/library.h>
 
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #include "cpu/batchnorm.h"
+#include "cpu/bn_act.h"
 #include "cpu/common.h"
+#include "cpu/update_tail.h"
 
 namespace rla_ext::cpu {
 namespace {
@@ -56,12 +57,6 @@ at::Tensor stacked_weight(const at::Tensor& out_weight, const at::Tensor& entry_
   return at::cat({entry_weight.narrow(1, 0, C), out_weight}, 0).contiguous();
 }
 
-template <typename F>
-void with_act(bool relu, const F& body) {
-  if (relu) body(ActRelu{});
-  else body(ActIdentity{});
-}
-
 // Returns (h_next, s, mean, var, out, z, entry_mean, entry_var): h_next and s as rla_update's kernel
 // returns out and s, out and z as concat_conv_bn_act's kernel returns them for x = y, h = h_next.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
@@ -84,35 +79,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor s = P.narrow(1, Ce, k).contiguous(fmt);
   add_state(s, h, pool, cl);
   StatInputs st = stat_inputs(kOp, mean_in, var_in, k, sd);
-  const at::Tensor g = gamma.contiguous(), b = beta.contiguous();
-  at::Tensor a = at::empty_like(s);
-  const ChannelLayout Ls = layout_of(s, fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_and_entry_update", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (st.training)
-      batch_stats(s.const_data_ptr<scalar_t>(), Ls, st.mean.data_ptr<acc_t>(), st.var.data_ptr<acc_t>());
-    normalize_act<ActTanh>(s.const_data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), Ls, st.mean.const_data_ptr<acc_t>(),
-                           st.var.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps);
-  });
-  at::Tensor h_next = at::conv2d(a, rec_weight.contiguous(), {}, 1, 1).contiguous(fmt);
+  at::Tensor h_next = update_tail_forward(s, st, rec_weight, gamma, beta, eps, fmt);
 
   // The entry: z = P[:, :Ce] + W_entry_h @ h_next, BatchNorm + activation.
   at::Tensor z = P.narrow(1, 0, Ce).contiguous(fmt);
   conv1x1(z, we.narrow(1, C, k), h_next, cl, true);
   StatInputs se = stat_inputs(kOp, entry_mean_in, entry_var_in, Ce, sd);
-  const at::Tensor ge = entry_gamma.contiguous(), be = entry_beta.contiguous();
-  at::Tensor out = at::empty_like(z);
-  const ChannelLayout Lz = layout_of(z, fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_and_entry_entry", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (se.training)
-      batch_stats(z.const_data_ptr<scalar_t>(), Lz, se.mean.data_ptr<acc_t>(), se.var.data_ptr<acc_t>());
-    with_act(relu, [&](auto act) {
-      normalize_act<decltype(act)>(z.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), Lz,
-                                   se.mean.const_data_ptr<acc_t>(), se.var.const_data_ptr<acc_t>(),
-                                   ge.const_data_ptr<acc_t>(), be.const_data_ptr<acc_t>(), entry_eps);
-    });
-  });
+  at::Tensor out = bn_act_forward(z, se, entry_gamma, entry_beta, entry_eps, relu, fmt);
   return {h_next, s, st.mean, st.var, out, z, se.mean, se.var};
 }
 
@@ -150,21 +123,8 @@ backward(const at::Tensor& grad_h_next, const at::Tensor& grad_out, const at::Te
   const at::Tensor go = grad_out.contiguous(fmt);
 
   // The entry's BatchNorm + activation backward: dz, dentry_gamma, dentry_beta.
-  const at::Tensor me = entry_mean.contiguous(), ve = entry_var.contiguous();
-  const at::Tensor ge = entry_gamma.contiguous(), be = entry_beta.contiguous();
-  at::Tensor dz = at::empty_like(z);
-  at::Tensor dgamma_e = at::empty({Ce}, ge.options()), dbeta_e = at::empty({Ce}, ge.options());
-  const ChannelLayout Lz = layout_of(z, fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_and_entry_entry_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    with_act(relu, [&](auto act) {
-      bn_act_backward<decltype(act)>(go.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
-                                     dz.data_ptr<scalar_t>(), Lz, me.const_data_ptr<acc_t>(),
-                                     ve.const_data_ptr<acc_t>(), ge.const_data_ptr<acc_t>(),
-                                     be.const_data_ptr<acc_t>(), entry_eps, training, dgamma_e.data_ptr<acc_t>(),
-                                     dbeta_e.data_ptr<acc_t>());
-    });
-  });
+  auto [dz, dgamma_e, dbeta_e] =
+      bn_act_backward_pass(go, z, entry_mean, entry_var, entry_gamma, entry_beta, entry_eps, relu, training, fmt);
   // The entry's h-columns: their weight gradient, and the gradient they send into h_next, which joins
   // the gradient h_next gets from its own consumers.
   const at::Tensor we_h = we.narrow(1, C, k);
@@ -173,39 +133,8 @@ backward(const at::Tensor& grad_h_next, const at::Tensor& grad_out, const at::Te
   at::Tensor go_u = conv1x1_input_grad(dz, we_h, fmt);
   go_u.add_(grad_h_next.contiguous(fmt));
 
-  // The update's backward from h_next to s (as rla_update's kernel: recompute a = tanh(bn(s))).
-  const at::Tensor m = mean.contiguous(), v = var.contiguous(), g = gamma.contiguous(), b = beta.contiguous();
-  const ChannelLayout Ls = layout_of(s, fmt);
-  at::Tensor a = at::empty_like(s);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_and_entry_recompute", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    normalize_act<ActTanh>(s.const_data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), Ls, m.const_data_ptr<acc_t>(),
-                           v.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps);
-  });
-  auto conv_grads = at::convolution_backward(go_u, a, wr, c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
-                                             {true, true, false});
-  at::Tensor da = std::get<0>(conv_grads).contiguous(fmt);
-  at::Tensor drec = std::get<1>(conv_grads).contiguous();
-  at::Tensor ds = at::empty_like(s);
-  at::Tensor dgamma = at::empty({k}, g.options()), dbeta = at::empty({k}, g.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_and_entry_update_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto run = [&](auto act) {
-      bn_act_backward<decltype(act)>(da.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
-                                     ds.data_ptr<scalar_t>(), Ls, m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(),
-                                     g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps, training,
-                                     dgamma.data_ptr<acc_t>(), dbeta.data_ptr<acc_t>());
-    };
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      // As rla_update's kernel: tanh' = 1 - a^2 from a in full precision; half types recompute tanh.
-      scalar_t* gd = da.data_ptr<scalar_t>();
-      const scalar_t* av = a.const_data_ptr<scalar_t>();
-      for_each_element(Ls, [=](int64_t i, int64_t) { gd[i] = gd[i] * (scalar_t(1) - av[i] * av[i]); });
-      run(ActIdentity{});
-    } else {
-      run(ActTanh{});
-    }
-  });
+  // The update's backward from h_next to s, as rla_update's kernel.
+  auto [ds, drec, dgamma, dbeta] = update_tail_backward(go_u, s, wr, mean, var, gamma, beta, eps, training, fmt);
 
   // The shared read, backward: dP = [dz ; ds] against the stacked weight. One dgrad GEMM gives dy from
   // both consumers; one weight-gradient pass over y gives both weights' y-columns.

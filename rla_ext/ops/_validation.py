@@ -226,3 +226,20 @@ def prepool_for_kernel(h: Tensor, pool: bool, pool_mode: str) -> tuple[Tensor, b
     if pool and pool_mode == "ceil" and (h.shape[2] % 2 or h.shape[3] % 2):
         return pool_state(h, pool_mode), False
     return h, pool
+
+
+def check_update_inputs(h, y, out_weight, rec_weight, pool, pool_mode: str):
+    """The RLA update's shared argument checks (rla_update and rla_update_and_entry): y and h as
+    activations of one device and dtype, pool / pool_mode, h's size against y's, the two weights.
+    -> ((n, c, height, width) of y, k, pool_mode, out_weight as a (k, C) matrix, rec_weight)."""
+    check_activation("y", y)
+    check_activation("h", h, y, "y")
+    n, c, hy, wy = y.shape
+    k = h.shape[1]
+    if not isinstance(pool, bool):
+        raise TypeError(f"pool: expected a bool, got {type(pool).__name__}")
+    pool_mode = check_pool_mode(pool_mode)
+    check_update_state(h, y, pool, pool_mode)
+    w_out = weight_matrix("out_weight", out_weight, k, c, y, "y", f"C = {c}, the channels of y")
+    w_rec = conv3x3_weight("rec_weight", rec_weight, k, y, "y")
+    return (n, c, hy, wy), k, pool_mode, w_out, w_rec

@@ -168,16 +168,8 @@ def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | Non
     if isinstance(y, Tensor):
         h, y, out_weight, rec_weight = _autocast.cast(_autocast.autocast_dtype(y.device.type), h, y, out_weight,
                                                       rec_weight)
-    v.check_activation("y", y)
-    v.check_activation("h", h, y, "y")
-    n, c, hy, wy = y.shape
-    k = h.shape[1]
-    if not isinstance(pool, bool):
-        raise TypeError(f"pool: expected a bool, got {type(pool).__name__}")
-    pool_mode = v.check_pool_mode(pool_mode)
-    v.check_update_state(h, y, pool, pool_mode)
-    w_out = v.weight_matrix("out_weight", out_weight, k, c, y, "y", f"C = {c}, the channels of y")
-    w_rec = v.conv3x3_weight("rec_weight", rec_weight, k, y, "y")
+    (n, c, hy, wy), k, pool_mode, w_out, w_rec = v.check_update_inputs(h, y, out_weight, rec_weight, pool,
+                                                                       pool_mode)
     bn_weight, bn_bias, running_mean, running_var, training, momentum, eps = bn.check_arguments(
         bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, out_shape=(n, k, hy, wy),
         like=y, like_name="y")
