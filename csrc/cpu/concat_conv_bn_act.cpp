@@ -1,6 +1,6 @@
 // Op A on CPU: act(bn(W @ cat(x, h))) without building cat(x, h). The 1x1 conv is two GEMMs that
-// accumulate into z (x's columns of W, then h's); BatchNorm and the activation are fused passes
-// from cpu/batchnorm.h. Contract: docs/ARCHITECTURE.md.
+// accumulate into z (x's columns of W, then h's); BatchNorm and the activation are the fused passes
+// of cpu/bn_act.h (shared with the 3x3 entry). Contract: docs/ARCHITECTURE.md.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -8,7 +8,7 @@
 
 #include <tuple>
 
-#include "cpu/batchnorm.h"
+#include "cpu/bn_act.h"
 #include "cpu/common.h"
 
 namespace rla_ext::cpu {
@@ -29,13 +29,6 @@ void check_inputs(const at::Tensor& x, const at::Tensor& h, const at::Tensor& we
   check_stat(kOp, "beta", beta, weight.size(0), sd);
 }
 
-// Runs `body` with Act = ActRelu or ActIdentity.
-template <typename F>
-void with_act(bool relu, const F& body) {
-  if (relu) body(ActRelu{});
-  else body(ActIdentity{});
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& weight, const at::Tensor& gamma,
     const at::Tensor& beta, const c10::optional<at::Tensor>& mean_in, const c10::optional<at::Tensor>& var_in,
@@ -44,24 +37,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   const auto fmt = memory_format_of(x_in);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt), w = weight.contiguous();
-  const int64_t C = x.size(1), k = h.size(1), Co = w.size(0);
+  const int64_t C = x.size(1), k = h.size(1);
   at::Tensor z = conv1x1_new(x, w.narrow(1, 0, C), fmt);
   conv1x1(z, w.narrow(1, C, k), h, cl, true);
 
-  StatInputs st = stat_inputs(kOp, mean_in, var_in, Co, stat_dtype(x.scalar_type()));
-  const at::Tensor g = gamma.contiguous(), b = beta.contiguous();
-  at::Tensor out = at::empty_like(z);
-  const ChannelLayout L = layout_of(z, fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_conv_bn_act_fwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (st.training) batch_stats(z.const_data_ptr<scalar_t>(), L, st.mean.data_ptr<acc_t>(), st.var.data_ptr<acc_t>());
-    with_act(relu, [&](auto act) {
-      normalize_act<decltype(act)>(z.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), L,
-                                   st.mean.const_data_ptr<acc_t>(), st.var.const_data_ptr<acc_t>(),
-                                   g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps);
-    });
-  });
-  return {out, z, st.mean, st.var};
+  auto [out, mean, var] = bn_act_forward_pass(kOp, z, mean_in, var_in, gamma, beta, eps, relu, fmt);
+  return {out, z, mean, var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
@@ -83,20 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const auto fmt = memory_format_of(x_in);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt), w = weight.contiguous();
-  const at::Tensor z = z_in.contiguous(fmt), go = grad_out.contiguous(fmt);
-  const at::Tensor m = mean.contiguous(), v = var.contiguous(), g = gamma.contiguous(), b = beta.contiguous();
-  at::Tensor dz = at::empty_like(z);
-  at::Tensor dgamma = at::empty({Co}, g.options()), dbeta = at::empty({Co}, g.options());
-  const ChannelLayout L = layout_of(z, fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_conv_bn_act_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    with_act(relu, [&](auto act) {
-      bn_act_backward<decltype(act)>(go.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
-                                     dz.data_ptr<scalar_t>(), L, m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(),
-                                     g.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), eps, training,
-                                     dgamma.data_ptr<acc_t>(), dbeta.data_ptr<acc_t>());
-    });
-  });
+  const at::Tensor z = z_in.contiguous(fmt);
+  auto [dz, dgamma, dbeta] = bn_act_backward_pass(kOp, grad_out, z, mean, var, gamma, beta, eps, relu, training, fmt);
 
   at::Tensor dx = conv1x1_input_grad(dz, w.narrow(1, 0, C), fmt);
   at::Tensor dh = conv1x1_input_grad(dz, w.narrow(1, C, k), fmt);
