@@ -43,10 +43,15 @@ class EntryFunction(torch.autograd.Function):
         ctx.save_for_backward(x, h, weight, gamma, beta, z, mean, var)
         ctx.config = (eps, relu, training, backend, op, extra)
         ctx.mark_non_differentiable(z, mean, var)
+        # Backward ignores the gradients of z, mean and var: without this autograd would fill a zero
+        # tensor of z's size for them on every backward call.
+        ctx.set_materialize_grads(False)
         return out, z, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, _gz, _gmean, _gvar):
+        if grad_out is None:  # not materialised (above): nothing flows back
+            return (None,) * 14
         x, h, weight, gamma, beta, z, mean, var = ctx.saved_tensors
         eps, relu, training, backend, op, extra = ctx.config
         dx, dh, dw, dgamma, dbeta = _CALLS[op][1](grad_out, x, h, weight, gamma, beta, z, mean, var, eps, relu,
