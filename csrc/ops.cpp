@@ -10,6 +10,12 @@ TORCH_LIBRARY_FRAGMENT(rla_ext, m) {
   m.def("concat_conv_bn_act_kernel_bwd(Tensor grad_out, Tensor x, Tensor h, Tensor weight, Tensor gamma, "
         "Tensor beta, Tensor z, Tensor mean, Tensor var, float eps, bool relu, bool training) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The basic-block entry: act(bn(conv3x3(cat(x, h), weight, stride, padding 1))), weight (C_out, C + k, 3, 3).
+  m.def("concat_conv3x3_bn_act_kernel_fwd(Tensor x, Tensor h, Tensor weight, Tensor gamma, Tensor beta, "
+        "Tensor? mean, Tensor? var, int stride, float eps, bool relu) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("concat_conv3x3_bn_act_kernel_bwd(Tensor grad_out, Tensor x, Tensor h, Tensor weight, Tensor gamma, "
+        "Tensor beta, Tensor z, Tensor mean, Tensor var, int stride, float eps, bool relu, bool training) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("rla_update_kernel_fwd(Tensor h, Tensor y, Tensor out_weight, Tensor gamma, Tensor beta, "
         "Tensor? mean, Tensor? var, Tensor rec_weight, bool pool, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("rla_update_kernel_bwd(Tensor grad_out, Tensor h, Tensor y, Tensor out_weight, Tensor gamma, "

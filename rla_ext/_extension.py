@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 _KERNEL_OPS = ("concat_conv_bn_act_kernel_fwd", "concat_conv_bn_act_kernel_bwd",
+               "concat_conv3x3_bn_act_kernel_fwd", "concat_conv3x3_bn_act_kernel_bwd",
                "rla_update_kernel_fwd", "rla_update_kernel_bwd")
 
 

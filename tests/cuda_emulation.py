@@ -1,6 +1,6 @@
 """Build and load the CUDA kernels of csrc/cuda/ under the CPU emulator of csrc/cuda/emulate/.
 
-The kernel sources compile as host C++ (g++, RLA_EXT_EMULATE_CUDA) into a Python module whose four
+The kernel sources compile as host C++ (g++, RLA_EXT_EMULATE_CUDA) into a Python module whose
 functions are the kernels' host functions on CPU tensors; see csrc/cuda/emulate/runtime.h for what is
 emulated and docs/ARCHITECTURE.md for the rules that keep a kernel emulatable.
 
@@ -30,7 +30,7 @@ SOURCE_DIR = ROOT / "csrc" / "cuda"
 # The emulator itself (always from this repository's csrc/cuda/emulate/) and the kernel translation
 # units (one wrapper per .cu file, taken from the kernel source folder being emulated).
 EMULATOR_SOURCES = ("emulate/runtime.cpp", "emulate/module.cpp", "emulate/selftest.cpp")
-KERNEL_SOURCES = ("emulate/concat_conv_bn_act.cpp", "emulate/rla_update.cpp")
+KERNEL_SOURCES = ("emulate/concat_conv_bn_act.cpp", "emulate/concat_conv3x3_bn_act.cpp", "emulate/rla_update.cpp")
 MODULE_NAME = "rla_ext_cuda_emulated"  # the same in every variant: a fresh variant starts from a copy
                                        # of the default build and recompiles only the kernels that differ
 SCHEDULES = ("inorder", "shuffled", "threaded")

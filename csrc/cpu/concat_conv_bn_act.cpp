@@ -1,6 +1,6 @@
 // Op A on CPU: act(bn(W @ cat(x, h))) without building cat(x, h). The 1x1 conv is two GEMMs that
-// accumulate into z (x's columns of W, then h's); BatchNorm and the activation are fused passes
-// from cpu/batchnorm.h. Contract: docs/ARCHITECTURE.md.
+// accumulate into z (x's columns of W, then h's); BatchNorm and the activation are the fused passes
+// of cpu/bn_act.h (shared with the 3x3 entry). Contract: docs/ARCHITECTURE.md.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -38,11 +38,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   const auto fmt = memory_format_of(x_in);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt), w = weight.contiguous();
-  const int64_t C = x.size(1), k = h.size(1), Co = w.size(0);
+  const int64_t C = x.size(1), k = h.size(1);
   at::Tensor z = conv1x1_new(x, w.narrow(1, 0, C), fmt);
   conv1x1(z, w.narrow(1, C, k), h, cl, true);
 
-  StatInputs st = stat_inputs(kOp, mean_in, var_in, Co, stat_dtype(x.scalar_type()));
+  StatInputs st = stat_inputs(kOp, mean_in, var_in, z.size(1), stat_dtype(x.scalar_type()));
   at::Tensor out = bn_act_forward(z, st, gamma, beta, eps, relu, fmt);
   return {out, z, st.mean, st.var};
 }

@@ -1,7 +1,8 @@
 // Helpers shared by the ConvGRU / ConvLSTM cell kernels (csrc/cpu/conv_gru_cell.cpp,
 // conv_lstm_cell.cpp): the 3x3 conv over cat(x, h) as two convolutions with the weight's column
-// segments (the concatenation is never built), the elementwise walk over a k-channel state beside
-// its G*k-channel gate tensor, and GroupNorm (one group per gate and sample) statistics and backward.
+// segments (the concatenation is never built; also used by the basic-block entry,
+// concat_conv3x3_bn_act.cpp), the elementwise walk over a k-channel state beside its G*k-channel
+// gate tensor, and GroupNorm (one group per gate and sample) statistics and backward.
 //
 // Determinism: every reduction runs in an order fixed by the shape (per sample or per channel plane,
 // summed sequentially), never by the thread count.
@@ -29,19 +30,19 @@ inline WeightSegments split_columns(const at::Tensor& w, int64_t C) {
   return {w.narrow(1, 0, C).contiguous(), w.narrow(1, C, w.size(1) - C).contiguous()};
 }
 
-// conv3x3(in, w, padding 1) + bias, returned in memory format `fmt`.
+// conv3x3(in, w, padding 1, stride) + bias, returned in memory format `fmt`.
 inline at::Tensor conv3x3(const at::Tensor& in, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                          at::MemoryFormat fmt) {
-  return at::conv2d(in, w, bias, 1, 1).contiguous(fmt);
+                          at::MemoryFormat fmt, int64_t stride = 1) {
+  return at::conv2d(in, w, bias, stride, 1).contiguous(fmt);
 }
 
-// (d input, d weight, d bias (undefined unless `bias`)) of z = conv3x3(in, w) (+ bias).
+// (d input, d weight, d bias (undefined unless `bias`)) of z = conv3x3(in, w, stride) (+ bias).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_backward(const at::Tensor& dz, const at::Tensor& in,
                                                                       const at::Tensor& w, bool bias,
-                                                                      at::MemoryFormat fmt) {
+                                                                      at::MemoryFormat fmt, int64_t stride = 1) {
   std::vector<int64_t> bias_sizes{w.size(0)};
-  auto r = at::convolution_backward(dz, in, w, bias ? at::OptionalIntArrayRef(bias_sizes) : c10::nullopt, {1, 1},
-                                    {1, 1}, {1, 1}, false, {0, 0}, 1, {true, true, bias});
+  auto r = at::convolution_backward(dz, in, w, bias ? at::OptionalIntArrayRef(bias_sizes) : c10::nullopt,
+                                    {stride, stride}, {1, 1}, {1, 1}, false, {0, 0}, 1, {true, true, bias});
   return {std::get<0>(r).contiguous(fmt), std::get<1>(r), std::get<2>(r)};
 }
 

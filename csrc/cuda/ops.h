@@ -23,6 +23,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_co
     const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& z, const at::Tensor& mean,
     const at::Tensor& var, double eps, bool relu, bool training);
 
+// -> (out, z, mean, var) of the basic-block entry (3x3 conv over cat(x, h), stride, padding 1)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_conv3x3_bn_act_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& gamma,
+    const at::Tensor& beta, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var,
+    int64_t stride, double eps, bool relu);
+
+// -> (dx, dh, dweight, dgamma, dbeta)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_conv3x3_bn_act_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight,
+    const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& var, int64_t stride, double eps, bool relu, bool training);
+
 // -> (out, s, mean, var)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_update_fwd_cuda(
     const at::Tensor& h, const at::Tensor& y, const at::Tensor& out_weight, const at::Tensor& gamma,

@@ -7,6 +7,8 @@
 TORCH_LIBRARY_IMPL(rla_ext, CUDA, m) {
   m.impl("concat_conv_bn_act_kernel_fwd", &rla_ext::cuda::concat_conv_bn_act_fwd_cuda);
   m.impl("concat_conv_bn_act_kernel_bwd", &rla_ext::cuda::concat_conv_bn_act_bwd_cuda);
+  m.impl("concat_conv3x3_bn_act_kernel_fwd", &rla_ext::cuda::concat_conv3x3_bn_act_fwd_cuda);
+  m.impl("concat_conv3x3_bn_act_kernel_bwd", &rla_ext::cuda::concat_conv3x3_bn_act_bwd_cuda);
   m.impl("rla_update_kernel_fwd", &rla_ext::cuda::rla_update_fwd_cuda);
   m.impl("rla_update_kernel_bwd", &rla_ext::cuda::rla_update_bwd_cuda);
 }

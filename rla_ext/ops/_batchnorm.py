@@ -29,9 +29,11 @@ def affine(bn_weight: Tensor | None, bn_bias: Tensor | None, channels: int, like
     return gamma, beta
 
 
-def check_training_batch(count: int, shape: torch.Size | tuple[int, ...], training: bool) -> None:
-    """Batch statistics need more than one value per channel (same rule and text as PyTorch)."""
-    if training and count <= 1:
+def check_training_batch(count: int, shape: torch.Size | tuple[int, ...], training: bool,
+                         empty_batch: bool = False) -> None:
+    """Batch statistics need more than one value per channel (same text as PyTorch). With `empty_batch`,
+    no value at all passes, as in PyTorch's F.batch_norm (an empty output, running statistics untouched)."""
+    if training and (count == 1 or (count == 0 and not empty_batch)):
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(shape)}")
 
 
@@ -74,8 +76,10 @@ def reduce_grad_dtype(grad: Tensor | None, like: Tensor | None) -> Tensor | None
 
 def check_arguments(bn_weight: Tensor | None, bn_bias: Tensor | None, running_mean: Tensor | None,
                     running_var: Tensor | None, training: bool, momentum: float | None, eps: float, *,
-                    out_shape: tuple[int, int, int, int], like: Tensor, like_name: str, prefix: str = "") -> tuple:
-    """Every BatchNorm argument of a fused op checked against the op's (N, channels, H, W) output.
+                    out_shape: tuple[int, int, int, int], like: Tensor, like_name: str, prefix: str = "",
+                    empty_batch: bool = False) -> tuple:
+    """Every BatchNorm argument of a fused op checked against the op's (N, channels, H, W) output
+    (`empty_batch`: see check_training_batch).
 
     Returns (bn_weight, bn_bias, running_mean, running_var, training, momentum, eps), normalised.
     `prefix` goes before every argument name in errors (an op with two BatchNorms: "entry_").
@@ -87,5 +91,5 @@ def check_arguments(bn_weight: Tensor | None, bn_bias: Tensor | None, running_me
     running_var = v.channel_vector(f"{prefix}running_var", running_var, channels, like, like_name)
     training, momentum, eps = v.check_scalars(training, momentum, eps, prefix)
     check_eval_stats(running_mean, running_var, training, prefix)
-    check_training_batch(n * hh * ww, out_shape, training)
+    check_training_batch(n * hh * ww, out_shape, training, empty_batch)
     return bn_weight, bn_bias, running_mean, running_var, training, momentum, eps

@@ -59,11 +59,13 @@ def empty_activation(like: Tensor, channels: int, height: int, width: int,
     return like.new_empty((like.shape[0], channels, height, width)).contiguous(memory_format=fmt)
 
 
-def fake_forward_outputs(like: Tensor, channels: int, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fake (out, saved, mean, var) of a forward kernel: two activations shaped like `like` with
-    `channels` channels in its memory format, and two per-channel statistics in gamma's dtype."""
+def fake_forward_outputs(like: Tensor, channels: int, gamma: Tensor,
+                         size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fake (out, saved, mean, var) of a forward kernel: two activations shaped like `like` (spatial
+    `size` when given) with `channels` channels in its memory format, and two per-channel statistics
+    in gamma's dtype."""
     fmt = v.memory_format_of(like)
-    h, w = like.shape[2], like.shape[3]
+    h, w = (like.shape[2], like.shape[3]) if size is None else size
     return (empty_activation(like, channels, h, w, fmt), empty_activation(like, channels, h, w, fmt),
             gamma.new_empty((channels,)), gamma.new_empty((channels,)))
 

@@ -34,11 +34,14 @@ def check_like(name: str, t: Tensor, ref: Tensor, ref_name: str, same_dtype: boo
         raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
 
 
-def check_activation(name: str, t: object, ref: Tensor | None = None, ref_name: str = "") -> Tensor:
+def check_activation(name: str, t: object, ref: Tensor | None = None, ref_name: str = "",
+                     empty_batch: bool = False) -> Tensor:
+    """A 4-D floating activation like `ref`, non-empty (with `empty_batch`, N = 0 is allowed when the
+    other sides are not 0: the op then behaves as its reference does on an empty batch)."""
     t = check_tensor(name, t, 4)
     if ref is not None:
         check_like(name, t, ref, ref_name)
-    if t.numel() == 0:
+    if t.numel() == 0 and not (empty_batch and t.shape[0] == 0 and min(t.shape[1:]) > 0):
         raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(t.shape)}")
     return t
 
@@ -124,17 +127,35 @@ def check_activation_name(activation: object) -> str:
     return activation  # type: ignore[return-value]
 
 
-def conv3x3_segments_weight(name: str, w: object, out_channels: int, c: int, k: int, ref: Tensor,
+def conv3x3_segments_weight(name: str, w: object, out_channels: int | None, c: int, k: int, ref: Tensor,
                             ref_name: str) -> Tensor:
-    """A 3x3 conv weight over cat(x, h) (columns [0, c) act on x, [c, c+k) on h): (out, c + k, 3, 3), contiguous."""
+    """A 3x3 conv weight over cat(x, h) (columns [0, c) act on x, [c, c+k) on h): (out, c + k, 3, 3), contiguous.
+
+    `out_channels` None: any number of outputs, at least one."""
     if not isinstance(w, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
     check_tensor(name, w, 4)
     check_like(name, w, ref, ref_name)
-    if tuple(w.shape) != (out_channels, c + k, 3, 3):
-        raise ValueError(f"{name}: expected shape ({out_channels}, {c} + {k}, 3, 3) (out, C + k, 3, 3), "
+    out = w.shape[0] if out_channels is None else out_channels
+    if tuple(w.shape) != (out, c + k, 3, 3) or out == 0:
+        want = "out" if out_channels is None else str(out_channels)
+        raise ValueError(f"{name}: expected shape ({want}, {c} + {k}, 3, 3) (out, C + k, 3, 3), "
                          f"got {tuple(w.shape)}")
     return w.contiguous()
+
+
+def check_stride(stride: object) -> int:
+    """A convolution stride: a positive int (the same along both sides)."""
+    if isinstance(stride, bool) or not isinstance(stride, int):
+        raise TypeError(f"stride: expected an int, got {stride!r}")
+    if stride < 1:
+        raise ValueError(f"stride: expected a positive int, got {stride}")
+    return stride
+
+
+def conv3x3_out_size(hh: int, ww: int, stride: int) -> tuple[int, int]:
+    """(H, W) of a 3x3 convolution's output, padding 1: ceil(side / stride), as F.conv2d gives."""
+    return ((hh - 1) // stride + 1, (ww - 1) // stride + 1)
 
 
 def bias_vector(name: str, b: object, channels: int, ref: Tensor, ref_name: str) -> Tensor | None:
@@ -150,9 +171,9 @@ def bias_vector(name: str, b: object, channels: int, ref: Tensor, ref_name: str)
     return b.contiguous()
 
 
-def check_state(name: str, t: object, x: Tensor, channels: int | None = None) -> Tensor:
+def check_state(name: str, t: object, x: Tensor, channels: int | None = None, empty_batch: bool = False) -> Tensor:
     """A recurrent state (N, k, H, W) beside x (N, C, H, W): same N, H, W, dtype and device."""
-    t = check_activation(name, t, x, "x")
+    t = check_activation(name, t, x, "x", empty_batch)
     n, _, hh, ww = x.shape
     if t.shape[0] != n or tuple(t.shape[2:]) != (hh, ww) or (channels is not None and t.shape[1] != channels):
         want = "k" if channels is None else str(channels)

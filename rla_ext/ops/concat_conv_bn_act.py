@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from rla_ext import _backend, _reference
-from rla_ext.ops import _autocast
+from rla_ext.ops import _autocast, _concat_entry
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
@@ -64,60 +64,7 @@ def _bwd_fake(grad_out, x, h, weight, gamma, beta, z, mean, var, eps, relu, trai
             torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(beta))
 
 
-class ConcatConvBnActFunction(torch.autograd.Function):
-    """Autograd for the fused backends: saves the inputs, the pre-BN conv output and the statistics."""
-
-    @staticmethod
-    def forward(ctx, x, h, weight, gamma, beta, running_mean, running_var, training, momentum, eps, relu, backend):
-        out, z, mean, var = _fwd_call(x, h, weight, gamma, beta, running_mean, running_var, training, momentum, eps,
-                                      relu, backend)
-        ctx.save_for_backward(x, h, weight, gamma, beta, z, mean, var)
-        ctx.config = (eps, relu, training, backend)
-        ctx.mark_non_differentiable(z, mean, var)
-        return out, z, mean, var
-
-    @staticmethod
-    def backward(ctx, grad_out, _gz, _gmean, _gvar):
-        x, h, weight, gamma, beta, z, mean, var = ctx.saved_tensors
-        eps, relu, training, backend = ctx.config
-        dx, dh, dw, dgamma, dbeta = _bwd_call(grad_out, x, h, weight, gamma, beta, z, mean, var, eps, relu, training,
-                                              backend)
-        return dx, dh, dw, dgamma, dbeta, None, None, None, None, None, None, None
-
-
-class SyncConcatConvBnActFunction(torch.autograd.Function):
-    """Training with statistics synchronised over a process group, on the fused kernels.
-
-    Forward: the kernel in training mode gives z and the local statistics; these are all-reduced and
-    z is normalised with the GLOBAL ones here. Backward: the BN statistics terms are all-reduced
-    (bn_input_grad), then the kernel's EVAL-mode backward (no statistics terms, mask already applied)
-    carries dz = gamma * rstd * g' through its GEMMs. dgamma / dbeta are this rank's local sums.
-    """
-
-    @staticmethod
-    def forward(ctx, x, h, weight, gamma, beta, running_mean, running_var, momentum, eps, relu, backend, group):
-        _, z, mean, var = _fwd_call(x, h, weight, gamma, beta, None, None, True, momentum, eps, relu, backend)
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        mean, var, total = _distributed.global_stats(mean, var, count, group)
-        _distributed.update_running(running_mean, running_var, mean, var, total, momentum)
-        _, out = _distributed.normalise(z, gamma, beta, mean, var, eps)
-        out = (out.clamp_min(0) if relu else out).to(x.dtype)
-        ctx.save_for_backward(x, h, weight, gamma, beta, z, mean, var, total)
-        ctx.config = (eps, relu, backend, group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, h, weight, gamma, beta, z, mean, var, total = ctx.saved_tensors
-        eps, relu, backend, group = ctx.config
-        xhat, pre = _distributed.normalise(z, gamma, beta, mean, var, eps)
-        g = grad_out.to(xhat.dtype)
-        if relu:
-            g = g * (pre > 0)
-        g, dgamma, dbeta = _distributed.bn_input_grad(g, xhat, total, group)
-        dx, dh, dw, _, _ = _bwd_call(g.to(x.dtype), x, h, weight, gamma, beta, z, mean, var, eps, False, False,
-                                     backend)
-        return dx, dh, dw, dgamma, dbeta, None, None, None, None, None, None, None
+_concat_entry.register(_OP, _fwd_call, _bwd_call)
 
 
 def concat_conv_bn_act(x: Tensor, h: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
@@ -165,12 +112,5 @@ def concat_conv_bn_act(x: Tensor, h: Tensor, weight: Tensor, bn_weight: Tensor |
     if name == "torch":
         return _reference.concat_conv_bn_act(x, h, weight, bn_weight, bn_bias, running_mean, running_var, training,
                                              momentum, eps, activation, process_group=group if sync else None)
-    fmt = v.memory_format_of(x)
-    gamma, beta = bn.affine(bn_weight, bn_bias, co, x)
-    if sync:
-        return SyncConcatConvBnActFunction.apply(v.in_format(x, fmt), v.in_format(h, fmt), w2, gamma, beta,
-                                                 running_mean, running_var, momentum, eps, activation == "relu",
-                                                 name, group)
-    out, *_ = ConcatConvBnActFunction.apply(v.in_format(x, fmt), v.in_format(h, fmt), w2, gamma, beta, running_mean,
-                                            running_var, training, momentum, eps, activation == "relu", name)
-    return out
+    return _concat_entry.fused_call(_OP, (), x, h, w2, bn_weight, bn_bias, running_mean, running_var, training,
+                                    momentum, eps, activation == "relu", name, group if sync else None)

@@ -1,4 +1,4 @@
-// Python module of the emulated CUDA kernels: the four host functions of ../ops.h on CPU tensors, and the
+// Python module of the emulated CUDA kernels: the host functions of ../ops.h on CPU tensors, and the
 // emulator's knobs. Built by tests/cuda_emulation.py (torch.utils.cpp_extension.load).
 #include <torch/extension.h>
 
@@ -49,6 +49,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rla_ext CUDA kernels (csrc/cuda/) under the CPU emulator, on CPU tensors";
   m.def("concat_conv_bn_act_fwd", &rla_ext::cuda::concat_conv_bn_act_fwd_cuda);
   m.def("concat_conv_bn_act_bwd", &rla_ext::cuda::concat_conv_bn_act_bwd_cuda);
+  m.def("concat_conv3x3_bn_act_fwd", &rla_ext::cuda::concat_conv3x3_bn_act_fwd_cuda);
+  m.def("concat_conv3x3_bn_act_bwd", &rla_ext::cuda::concat_conv3x3_bn_act_bwd_cuda);
   m.def("rla_update_fwd", &rla_ext::cuda::rla_update_fwd_cuda);
   m.def("rla_update_bwd", &rla_ext::cuda::rla_update_bwd_cuda);
   m.def(

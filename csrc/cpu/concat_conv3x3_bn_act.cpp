@@ -1,0 +1,91 @@
+// The basic-block entry on CPU: act(bn(conv3x3(cat(x, h), W, stride, padding 1))) without building
+// cat(x, h). The conv is two ATen (oneDNN) convolutions with the weight's column segments, x's and
+// h's, summed into one output z; BatchNorm and the activation are the fused passes of cpu/bn_act.h
+// (the same as op A's). Backward: the fused activation + BatchNorm backward, then ATen's convolution
+// backward per segment (input and weight gradients), the weight gradient reassembled as
+// (C_out, C + k, 3, 3). Contract: docs/ARCHITECTURE.md.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "cpu/bn_act.h"
+#include "cpu/common.h"
+#include "cpu/conv_cell.h"
+
+namespace rla_ext::cpu {
+namespace {
+
+constexpr const char* kOp = "concat_conv3x3_bn_act";
+
+// The conv's output side: 3x3, padding 1.
+int64_t out_side(int64_t side, int64_t stride) { return (side - 1) / stride + 1; }
+
+void check_inputs(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& gamma,
+                  const at::Tensor& beta, int64_t stride) {
+  check_activation(kOp, "x", x, x, "x");
+  check_activation(kOp, "h", h, x, "x");
+  TORCH_CHECK(h.size(0) == x.size(0) && h.size(2) == x.size(2) && h.size(3) == x.size(3), kOp,
+              ": h must be (N, k, H, W) with N, H, W of x ", x.sizes(), ", got ", h.sizes());
+  TORCH_CHECK(weight.dim() == 4, kOp, ": weight must be a 4-D (C_out, C + k, 3, 3) tensor, got shape ",
+              weight.sizes());
+  check_weight(kOp, "weight", weight, {weight.size(0), x.size(1) + h.size(1), 3, 3}, x, "x");
+  TORCH_CHECK(stride >= 1, kOp, ": stride must be positive, got ", stride);
+  const auto sd = stat_dtype(x.scalar_type());
+  check_stat(kOp, "gamma", gamma, weight.size(0), sd);
+  check_stat(kOp, "beta", beta, weight.size(0), sd);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& weight, const at::Tensor& gamma,
+    const at::Tensor& beta, const c10::optional<at::Tensor>& mean_in, const c10::optional<at::Tensor>& var_in,
+    int64_t stride, double eps, bool relu) {
+  check_inputs(x_in, h_in, weight, gamma, beta, stride);
+  const auto fmt = memory_format_of(x_in);
+  const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt);
+  const WeightSegments seg = split_columns(weight.contiguous(), x.size(1));
+  // z = conv(x, W[:, :C]) + conv(h, W[:, C:]), added in place (for half types each conv rounds to T
+  // and so does the sum: one rounding more than a conv over cat(x, h), within the half-precision bar).
+  // The stored z is what the statistics and the backward see.
+  at::Tensor z = conv3x3(x, seg.wx, c10::nullopt, fmt, stride);
+  z.add_(conv3x3(h, seg.wh, c10::nullopt, fmt, stride));
+  StatInputs st = stat_inputs(kOp, mean_in, var_in, z.size(1), stat_dtype(z.scalar_type()));
+  at::Tensor out = bn_act_forward(z, st, gamma, beta, eps, relu, fmt);
+  return {out, z, st.mean, st.var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& weight,
+    const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& z_in, const at::Tensor& mean,
+    const at::Tensor& var, int64_t stride, double eps, bool relu, bool training) {
+  check_inputs(x_in, h_in, weight, gamma, beta, stride);
+  const int64_t C = x_in.size(1), Co = weight.size(0);
+  const std::vector<int64_t> zshape{x_in.size(0), Co, out_side(x_in.size(2), stride), out_side(x_in.size(3), stride)};
+  check_activation(kOp, "z", z_in, x_in, "x");
+  TORCH_CHECK(z_in.sizes() == at::IntArrayRef(zshape), kOp, ": z must have shape ", zshape, ", got ", z_in.sizes());
+  check_activation(kOp, "grad_out", grad_out, x_in, "x");
+  TORCH_CHECK(grad_out.sizes() == z_in.sizes(), kOp, ": grad_out must have shape ", z_in.sizes(), ", got ",
+              grad_out.sizes());
+  const auto sd = stat_dtype(x_in.scalar_type());
+  check_stat(kOp, "mean", mean, Co, sd);
+  check_stat(kOp, "var", var, Co, sd);
+
+  const auto fmt = memory_format_of(x_in);
+  const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt), z = z_in.contiguous(fmt);
+  auto [dz, dgamma, dbeta] =
+      bn_act_backward_pass(grad_out.contiguous(fmt), z, mean, var, gamma, beta, eps, relu, training, fmt);
+  const WeightSegments seg = split_columns(weight.contiguous(), C);
+  auto [dx, dwx, unused_x] = conv3x3_backward(dz, x, seg.wx, false, fmt, stride);
+  auto [dh, dwh, unused_h] = conv3x3_backward(dz, h, seg.wh, false, fmt, stride);
+  return {dx, dh, at::cat({dwx, dwh}, 1).contiguous(), dgamma, dbeta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rla_ext, CPU, m) {
+  m.impl("concat_conv3x3_bn_act_kernel_fwd", &forward);
+  m.impl("concat_conv3x3_bn_act_kernel_bwd", &backward);
+}
+
+}  // namespace rla_ext::cpu
