@@ -28,9 +28,12 @@ from benchmarks.shapes import RLA_CHANNELS, Stage
 OPS = ("concat_conv_bn_act", "rla_update")
 PASSES = bytes_model.PASSES
 EAGER, COMPILE = "eager", "compile"
+# `auto`: rla_ext's own choice per op, size and pass (rla_ext/_auto_table.py), what a user gets by
+# default; asked for with --providers, not in the default list.
+AUTO = "auto"
 FUSED_BACKENDS = tuple(b for b in rla_ext.BACKENDS if b != "torch")
 COMPILED_FUSED = tuple(f"{COMPILE}+{b}" for b in FUSED_BACKENDS)
-PROVIDERS = (EAGER, COMPILE) + FUSED_BACKENDS + COMPILED_FUSED
+PROVIDERS = (EAGER, COMPILE, AUTO) + FUSED_BACKENDS + COMPILED_FUSED
 
 
 def is_compiled(provider: str) -> bool:
@@ -110,6 +113,8 @@ def check_provider(provider: str, device: torch.device) -> str:
     """The rla_ext backend a provider runs on; raises CaseUnavailable with the reason if it cannot."""
     if provider in (EAGER, COMPILE):
         return "torch"
+    if provider == AUTO:
+        return "auto"
     if provider not in PROVIDERS:
         raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
     backend = provider.removeprefix(COMPILE + "+")

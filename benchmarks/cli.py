@@ -47,9 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "--quick: C512xH28,C2048xH7)")
     p.add_argument("--ops", default=",".join(cases.OPS), help="comma-separated ops (default: both)")
     p.add_argument("--passes", default=",".join(cases.PASSES), help="comma-separated: fwd, fwd+bwd")
-    p.add_argument("--providers", help="comma-separated subset of eager, compile, cpp, cuda, triton, "
+    p.add_argument("--providers", help="comma-separated subset of eager, compile, auto, cpp, cuda, triton, "
                    "compile+cpp, compile+cuda, compile+triton (default: eager, compile and every fused "
-                   "backend available on the device, plain and compiled)")
+                   "backend available on the device, plain and compiled; auto = rla_ext's measured choice)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
     p.add_argument("--compile-mode", help="torch.compile mode (default: max-autotune on cuda, default on cpu)")
     p.add_argument("--contiguous", action="store_true", help="NCHW-contiguous inputs instead of channels_last")

@@ -137,3 +137,4 @@ def test_compiled_fused_providers():
         cases.check_provider("compile+cuda", cpu)
     with pytest.raises(ValueError, match="provider"):
         cases.check_provider("compile+torch", cpu)
+    assert cases.check_provider("auto", cpu) == "auto" and "auto" not in cases.providers(cpu)
