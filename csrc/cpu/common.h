@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "cpu/batchnorm.h"
 #include "cpu/isa.h"
@@ -59,6 +60,22 @@ inline void check_stat(const char* op, const char* name, const at::Tensor& t, in
 
 // (mean, var) for the forward: batch statistics when both are None (training), else checked
 // copies of the given ones (eval). Copies, because a custom op must not return its inputs.
+// A backward kernel's saved pre-BN tensor (`name`) and grad_out, both of shape `shape` and like
+// `like` (device, dtype), and the statistics the forward normalised with (shape[1] values).
+inline void check_backward_inputs(const char* op, const char* name, const at::Tensor& saved,
+                                  const at::Tensor& grad_out, const at::Tensor& mean, const at::Tensor& var,
+                                  const std::vector<int64_t>& shape, const at::Tensor& like, const char* like_name) {
+  check_activation(op, name, saved, like, like_name);
+  TORCH_CHECK(saved.sizes() == at::IntArrayRef(shape), op, ": ", name, " must have shape ", shape, ", got ",
+              saved.sizes());
+  check_activation(op, "grad_out", grad_out, like, like_name);
+  TORCH_CHECK(grad_out.sizes() == saved.sizes(), op, ": grad_out must have shape ", saved.sizes(), ", got ",
+              grad_out.sizes());
+  const auto sd = stat_dtype(like.scalar_type());
+  check_stat(op, "mean", mean, shape[1], sd);
+  check_stat(op, "var", var, shape[1], sd);
+}
+
 struct StatInputs {
   at::Tensor mean, var;
   bool training;

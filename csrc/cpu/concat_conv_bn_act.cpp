@@ -54,14 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   check_inputs(x_in, h_in, weight, gamma, beta);
   const int64_t C = x_in.size(1), k = h_in.size(1), Co = weight.size(0);
   const std::vector<int64_t> zshape{x_in.size(0), Co, x_in.size(2), x_in.size(3)};
-  check_activation(kOp, "z", z_in, x_in, "x");
-  TORCH_CHECK(z_in.sizes() == at::IntArrayRef(zshape), kOp, ": z must have shape ", zshape, ", got ", z_in.sizes());
-  check_activation(kOp, "grad_out", grad_out, x_in, "x");
-  TORCH_CHECK(grad_out.sizes() == z_in.sizes(), kOp, ": grad_out must have shape ", z_in.sizes(), ", got ",
-              grad_out.sizes());
-  const auto sd = stat_dtype(x_in.scalar_type());
-  check_stat(kOp, "mean", mean, Co, sd);
-  check_stat(kOp, "var", var, Co, sd);
+  check_backward_inputs(kOp, "z", z_in, grad_out, mean, var, zshape, x_in, "x");
 
   const auto fmt = memory_format_of(x_in);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;

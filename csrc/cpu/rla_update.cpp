@@ -59,14 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_inputs(h_in, y_in, out_weight, gamma, beta, rec_weight, pool);
   const int64_t k = h_in.size(1);
   const std::vector<int64_t> sshape{y_in.size(0), k, y_in.size(2), y_in.size(3)};
-  check_activation(kOp, "s", s_in, y_in, "y");
-  TORCH_CHECK(s_in.sizes() == at::IntArrayRef(sshape), kOp, ": s must have shape ", sshape, ", got ", s_in.sizes());
-  check_activation(kOp, "grad_out", grad_out, y_in, "y");
-  TORCH_CHECK(grad_out.sizes() == s_in.sizes(), kOp, ": grad_out must have shape ", s_in.sizes(), ", got ",
-              grad_out.sizes());
-  const auto sd = stat_dtype(y_in.scalar_type());
-  check_stat(kOp, "mean", mean, k, sd);
-  check_stat(kOp, "var", var, k, sd);
+  check_backward_inputs(kOp, "s", s_in, grad_out, mean, var, sshape, y_in, "y");
 
   const auto fmt = memory_format_of(y_in);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
