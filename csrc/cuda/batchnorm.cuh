@@ -9,6 +9,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <tuple>
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
@@ -529,6 +531,48 @@ inline void check_act(const char* name, const at::Tensor& t, const at::Tensor& r
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), ", got ",
               t.scalar_type());
   check_format(name, t, cl);
+}
+
+// Runs `f` with Act = ActRelu or ActNone (the block entries' activation).
+template <typename F>
+void with_act(bool relu, F&& f) {
+  if (relu) {
+    f(ActRelu{});
+  } else {
+    f(ActNone{});
+  }
+}
+
+// The backward of a block entry's act(bn(z)) (op A and the 3x3 entry): checks z and grad_out, both
+// (N, Co, Ho, Wo) in x's format, device and dtype, and the statistics; returns (dz, dgamma, dbeta).
+// The caller holds the device guard.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> entry_bn_act_backward(
+    const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& x, const at::Tensor& mean,
+    const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta, int64_t Co, int64_t Ho, int64_t Wo,
+    double eps, bool relu, bool training, bool cl) {
+  const int64_t N = x.size(0);
+  check_act("z", z, x, cl);
+  check_act("grad_out", grad_out, x, cl);
+  TORCH_CHECK(z.size(0) == N && z.size(1) == Co && z.size(2) == Ho && z.size(3) == Wo, "z: expected shape (", N,
+              ", ", Co, ", ", Ho, ", ", Wo, "), got ", z.sizes());
+  TORCH_CHECK(grad_out.sizes() == z.sizes(), "grad_out: expected shape ", z.sizes(), ", got ", grad_out.sizes());
+  const at::ScalarType sd = stat_dtype_for(x.scalar_type());
+  check_stat_vector("mean", mean, Co, sd, x);
+  check_stat_vector("var", var, Co, sd, x);
+
+  const at::Tensor params = bn_params_from_stats(mean, var, gamma, beta, eps);
+  at::Tensor dgamma = device_empty({Co}, gamma.options());
+  at::Tensor dbeta = device_empty({Co}, gamma.options());
+  at::Tensor dz;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "entry_bn_act_backward_cuda", [&] {
+    with_layout(cl, [&](auto layout) {
+      constexpr bool CL = decltype(layout)::value;
+      with_act(relu, [&](auto act) {
+        dz = bn_act_backward<scalar_t, CL, decltype(act)>(grad_out, z, params, dgamma, dbeta, training);
+      });
+    });
+  });
+  return {dz, dgamma, dbeta};
 }
 
 // Weight gradient of a 1x1 conv for NCHW operands: sum_n a[n] @ b[n]^T with a (N, P, HW), b (N, Q, HW),

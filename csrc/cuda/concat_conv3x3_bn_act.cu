@@ -15,15 +15,6 @@ namespace rla_ext {
 namespace cuda {
 namespace {
 
-template <typename F>
-void with_act(bool relu, F&& f) {
-  if (relu) {
-    f(ActRelu{});
-  } else {
-    f(ActNone{});
-  }
-}
-
 // The statistics producer: reads the pre-BN tensor as it is stored.
 template <typename T, bool CL, typename acc_t>
 struct ReadPre {
@@ -122,30 +113,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_co
     const at::Tensor& var, int64_t stride, double eps, bool relu, bool training) {
   const bool cl = is_channels_last(x);
   check_common(x, h, weight, gamma, beta, stride, cl);
-  const int64_t N = x.size(0), Co = weight.size(0);
+  const int64_t Co = weight.size(0);
   const int64_t Ho = out_side(x.size(2), stride), Wo = out_side(x.size(3), stride);
-  check_act("z", z, x, cl);
-  check_act("grad_out", grad_out, x, cl);
-  TORCH_CHECK(z.size(0) == N && z.size(1) == Co && z.size(2) == Ho && z.size(3) == Wo, "z: expected shape (", N,
-              ", ", Co, ", ", Ho, ", ", Wo, "), got ", z.sizes());
-  TORCH_CHECK(grad_out.sizes() == z.sizes(), "grad_out: expected shape ", z.sizes(), ", got ", grad_out.sizes());
-  const at::ScalarType sd = stat_dtype_for(x.scalar_type());
-  check_stat_vector("mean", mean, Co, sd, x);
-  check_stat_vector("var", var, Co, sd, x);
   const DeviceGuard guard(x.device());
-
-  const at::Tensor params = bn_params_from_stats(mean, var, gamma, beta, eps);
-  at::Tensor dgamma = device_empty({Co}, gamma.options());
-  at::Tensor dbeta = device_empty({Co}, gamma.options());
-  at::Tensor dz;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_conv3x3_bn_act_bwd_cuda", [&] {
-    with_layout(cl, [&](auto layout) {
-      constexpr bool CL = decltype(layout)::value;
-      with_act(relu, [&](auto act) {
-        dz = bn_act_backward<scalar_t, CL, decltype(act)>(grad_out, z, params, dgamma, dbeta, training);
-      });
-    });
-  });
+  auto [dz, dgamma, dbeta] =
+      entry_bn_act_backward(grad_out, z, x, mean, var, gamma, beta, Co, Ho, Wo, eps, relu, training, cl);
 
   const auto [wx, wh] = segments(weight, x.size(1));
   auto [dx, dwx] = conv_backward(dz, x, wx, stride, cl);

@@ -17,15 +17,6 @@ namespace rla_ext {
 namespace cuda {
 namespace {
 
-template <typename F>
-void with_act(bool relu, F&& f) {
-  if (relu) {
-    f(ActRelu{});
-  } else {
-    f(ActNone{});
-  }
-}
-
 // h-parts up to this many channels are added per element; wider ones by a GEMM in the accumulation dtype.
 constexpr int64_t kMaxDirectH = 64;
 
@@ -160,28 +151,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_co
   check_common(x, h, weight, gamma, beta, cl);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t k = h.size(1), Co = weight.size(0);
-  check_act("z", z, x, cl);
-  check_act("grad_out", grad_out, x, cl);
-  TORCH_CHECK(z.size(0) == N && z.size(1) == Co && z.size(2) == H && z.size(3) == W, "z: expected shape (", N,
-              ", ", Co, ", ", H, ", ", W, "), got ", z.sizes());
-  TORCH_CHECK(grad_out.sizes() == z.sizes(), "grad_out: expected shape ", z.sizes(), ", got ", grad_out.sizes());
-  const at::ScalarType sd = stat_dtype_for(x.scalar_type());
-  check_stat_vector("mean", mean, Co, sd, x);
-  check_stat_vector("var", var, Co, sd, x);
   const DeviceGuard guard(x.device());
-
-  const at::Tensor params = bn_params_from_stats(mean, var, gamma, beta, eps);
-  at::Tensor dgamma = device_empty({Co}, gamma.options());
-  at::Tensor dbeta = device_empty({Co}, gamma.options());
-  at::Tensor dz;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_conv_bn_act_bwd_cuda", [&] {
-    with_layout(cl, [&](auto layout) {
-      constexpr bool CL = decltype(layout)::value;
-      with_act(relu, [&](auto act) {
-        dz = bn_act_backward<scalar_t, CL, decltype(act)>(grad_out, z, params, dgamma, dbeta, training);
-      });
-    });
-  });
+  auto [dz, dgamma, dbeta] =
+      entry_bn_act_backward(grad_out, z, x, mean, var, gamma, beta, Co, H, W, eps, relu, training, cl);
 
   // dx = Wx^T dz, dh = Wh^T dz, written straight into their own tensors; dW per slice.
   const at::Tensor wx = weight.narrow(1, 0, C);
