@@ -138,3 +138,14 @@ def test_auto_takes_the_compiled_entry_while_torch_compile_traces(monkeypatch):
     assert _backend.auto_candidates("cpu", "rla_update", (28, 28))[0] == "cpp"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert _backend.auto_candidates("cpu", "rla_update", (28, 28))[0] == "torch"
+
+
+def test_auto_runs_the_reference_for_an_unmeasured_slower_op(monkeypatch):
+    """The basic block's 3x3 entry: its cpp kernel measured slower than eager at small batches, so
+    `auto` takes it only where the measured table says it won."""
+    from rla_ext import _auto_table
+
+    assert _backend.auto_candidates("cpu", "concat_conv3x3_bn_act", (32, 32))[0] == "torch"
+    monkeypatch.setattr(_auto_table, "PREFERENCE", {("cpu", "concat_conv3x3_bn_act", 28, "fwd+bwd"): ("cpp",
+                                                                                                 "torch")})
+    assert _backend.auto_candidates("cpu", "concat_conv3x3_bn_act", (32, 32))[0] == "cpp"

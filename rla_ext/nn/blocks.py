@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from rla_ext.nn._bn_args import bn_args
 from rla_ext.nn.attention import EfficientChannelAttention, SqueezeExcite
 from rla_ext.nn.sync_batchnorm import process_group_of
-from rla_ext.ops import concat_conv_bn_act
+from rla_ext.ops import concat_conv3x3_bn_act, concat_conv_bn_act
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -119,10 +119,10 @@ class RLABasicBlock(_RLABlock):
     """RLA basic block for small networks. x (N, C_in, H, W), h (N, k, H, W) -> (N, planes, H/s, W/s).
 
     As in the published basic-block RLA variants, the first 3x3 conv (carrying the stride) reads
-    ``cat(x, h)``: conv1 weight (planes, C_in + k, 3, 3). A 3x3 entry is not what the fused
-    concat op computes (it is a 1x1 GEMM), so this entry is plain PyTorch: two convolutions over
-    the x and h slices of the weight, summed, so that ``cat(x, h)`` is not built. The RLA update
-    after the block still goes through the fused ``rla_update``.
+    ``cat(x, h)``: conv1 weight (planes, C_in + k, 3, 3); ``relu(bn1(conv1(cat(x, h))))`` runs
+    through ``rla_ext.ops.concat_conv3x3_bn_act`` (no concat built), so conv1 / bn1's forward hooks
+    do not fire. Under ``auto`` that op runs the reference until measured faster (see
+    rla_ext._backend). The RLA update after the block goes through the fused ``rla_update``.
     """
 
     expansion = 1
@@ -153,11 +153,11 @@ class RLABasicBlock(_RLABlock):
     def forward(self, x: Tensor, h: Tensor, norms: Sequence[nn.Module] | None = None) -> Tensor:
         """x (N, C_in, H, W), h (N, k, H, W) -> (N, planes, H/stride, W/stride)."""
         bn1, bn2 = self.norms() if norms is None else norms
-        w = self.conv1.weight
-        c = self.inplanes
-        st = self.conv1.stride
-        z = F.conv2d(x, w[:, :c], stride=st, padding=1) + F.conv2d(h, w[:, c:], stride=st, padding=1)
-        out = F.relu(bn1(z))
+        a = bn_args(bn1)
+        out = concat_conv3x3_bn_act(x, h, _weight_as(self.conv1.weight, x), a.weight, a.bias, a.running_mean,
+                                    a.running_var, stride=self.conv1.stride[0], training=a.training,
+                                    momentum=a.momentum, eps=a.eps, activation="relu", backend=self.backend,
+                                    process_group=process_group_of(bn1))
         out = bn2(self.conv2(out))
         return self._finish(out, x)
 
