@@ -22,6 +22,7 @@ from torch import Tensor
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
+from rla_ext.ops._kernels import empty_activation
 
 # op name -> (fwd call, bwd call): the ops' custom ops behind their eager fast paths.
 _CALLS: dict[str, tuple[Callable[..., tuple[Tensor, ...]], Callable[..., tuple[Tensor, ...]]]] = {}
@@ -29,6 +30,15 @@ _CALLS: dict[str, tuple[Callable[..., tuple[Tensor, ...]], Callable[..., tuple[T
 
 def register(op: str, fwd: Callable[..., tuple[Tensor, ...]], bwd: Callable[..., tuple[Tensor, ...]]) -> None:
     _CALLS[op] = (fwd, bwd)
+
+
+def fake_grads(x: Tensor, h: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor) -> tuple[Tensor, ...]:
+    """The fake kernel of an entry op's bwd: (dx, dh, dweight, dgamma, dbeta) shaped like their inputs,
+    the activations' gradients in x's memory format."""
+    fmt = v.memory_format_of(x)
+    return (empty_activation(x, x.shape[1], x.shape[2], x.shape[3], fmt),
+            empty_activation(h, h.shape[1], h.shape[2], h.shape[3], fmt),
+            torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(beta))
 
 
 class EntryFunction(torch.autograd.Function):

@@ -13,8 +13,7 @@ from rla_ext.ops import _autocast, _concat_entry
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
-from rla_ext.ops._kernels import (eager_fast_path, empty_activation, fake_forward_outputs, forward_with_stats,
-                                  kernels)
+from rla_ext.ops._kernels import eager_fast_path, fake_forward_outputs, forward_with_stats, kernels
 
 _OP = "concat_conv_bn_act"
 
@@ -58,10 +57,7 @@ _bwd_call = eager_fast_path(_bwd, _bwd_body)
 
 @_bwd.register_fake
 def _bwd_fake(grad_out, x, h, weight, gamma, beta, z, mean, var, eps, relu, training, backend):
-    fmt = v.memory_format_of(x)
-    return (empty_activation(x, x.shape[1], x.shape[2], x.shape[3], fmt),
-            empty_activation(h, h.shape[1], h.shape[2], h.shape[3], fmt),
-            torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(beta))
+    return _concat_entry.fake_grads(x, h, weight, gamma, beta)
 
 
 _concat_entry.register(_OP, _fwd_call, _bwd_call)
