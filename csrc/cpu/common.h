@@ -60,6 +60,23 @@ inline void check_stat(const char* op, const char* name, const at::Tensor& t, in
 
 // (mean, var) for the forward: batch statistics when both are None (training), else checked
 // copies of the given ones (eval). Copies, because a custom op must not return its inputs.
+// A block entry's activations (op A and the basic block's 3x3 entry): x and h on one device and
+// dtype, h's N, H, W those of x. The op checks its weight next, then check_entry_affine.
+inline void check_entry_activations(const char* op, const at::Tensor& x, const at::Tensor& h) {
+  check_activation(op, "x", x, x, "x");
+  check_activation(op, "h", h, x, "x");
+  TORCH_CHECK(h.size(0) == x.size(0) && h.size(2) == x.size(2) && h.size(3) == x.size(3), op,
+              ": h must be (N, k, H, W) with N, H, W of x ", x.sizes(), ", got ", h.sizes());
+}
+
+// A block entry's BatchNorm affine: gamma and beta with co values in the stat dtype of x.
+inline void check_entry_affine(const char* op, const at::Tensor& gamma, const at::Tensor& beta, int64_t co,
+                               const at::Tensor& x) {
+  const auto sd = stat_dtype(x.scalar_type());
+  check_stat(op, "gamma", gamma, co, sd);
+  check_stat(op, "beta", beta, co, sd);
+}
+
 // A backward kernel's saved pre-BN tensor (`name`) and grad_out, both of shape `shape` and like
 // `like` (device, dtype), and the statistics the forward normalised with (shape[1] values).
 inline void check_backward_inputs(const char* op, const char* name, const at::Tensor& saved,

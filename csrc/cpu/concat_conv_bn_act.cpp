@@ -19,15 +19,10 @@ constexpr const char* kOp = "concat_conv_bn_act";
 
 void check_inputs(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& gamma,
                   const at::Tensor& beta) {
-  check_activation(kOp, "x", x, x, "x");
-  check_activation(kOp, "h", h, x, "x");
-  TORCH_CHECK(h.size(0) == x.size(0) && h.size(2) == x.size(2) && h.size(3) == x.size(3), kOp,
-              ": h must be (N, k, H, W) with N, H, W of x ", x.sizes(), ", got ", h.sizes());
+  check_entry_activations(kOp, x, h);
   TORCH_CHECK(weight.dim() == 2, kOp, ": weight must be a 2-D (C_out, C + k) matrix, got shape ", weight.sizes());
   check_weight(kOp, "weight", weight, {weight.size(0), x.size(1) + h.size(1)}, x, "x");
-  const auto sd = stat_dtype(x.scalar_type());
-  check_stat(kOp, "gamma", gamma, weight.size(0), sd);
-  check_stat(kOp, "beta", beta, weight.size(0), sd);
+  check_entry_affine(kOp, gamma, beta, weight.size(0), x);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
