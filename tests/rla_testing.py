@@ -112,6 +112,21 @@ def make_update_inputs(n: int, c: int, k: int, hw: tuple[int, int], pool: bool, 
         rec_weight=(rnd(k, k, 3, 3) * (9 * k) ** -0.5).to(device))
 
 
+def make_entry3x3_inputs(n: int, c: int, k: int, co: int, hw: tuple[int, int], dtype: torch.dtype, fmt: str,
+                seed: int = 0, affine: bool = True, device: str = "cpu") -> dict:
+    """Inputs of concat_conv3x3_bn_act; running stats non-trivial so eval mode is meaningful."""
+    g = torch.Generator().manual_seed(seed)
+    pd = param_dtype(dtype)
+    rnd = lambda *s, dt=dtype: torch.randn(*s, generator=g, dtype=torch.float64).to(dt)  # noqa: E731
+    inputs = dict(x=to_format(rnd(n, c, *hw), fmt), h=to_format(rnd(n, k, *hw), fmt),
+                  weight=rnd(co, c + k, 3, 3) * (9 * (c + k)) ** -0.5,
+                  bn_weight=1 + 0.3 * rnd(co, dt=pd) if affine else None,
+                  bn_bias=0.2 * rnd(co, dt=pd) if affine else None,
+                  running_mean=0.1 * rnd(co, dt=pd),
+                  running_var=(0.5 + torch.rand(co, generator=g, dtype=torch.float64)).to(pd))
+    return {name: None if t is None else t.to(device) for name, t in inputs.items()}
+
+
 def clone_inputs(inputs: dict, dtype: torch.dtype | None = None) -> dict:
     """Fresh leaves (grad enabled on differentiable ones), optionally cast to `dtype` (float64 reference)."""
     out = {}

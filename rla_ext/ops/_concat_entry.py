@@ -22,7 +22,7 @@ from torch import Tensor
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
-from rla_ext.ops._kernels import empty_activation
+from rla_ext.ops._kernels import cpp_autograd, empty_activation, forward_with_stats
 
 # op name -> (fwd call, bwd call): the ops' custom ops behind their eager fast paths.
 _CALLS: dict[str, tuple[Callable[..., tuple[Tensor, ...]], Callable[..., tuple[Tensor, ...]]]] = {}
@@ -115,6 +115,12 @@ def fused_call(op: str, extra: tuple, x: Tensor, h: Tensor, weight: Tensor, bn_w
     fmt = v.memory_format_of(x)
     gamma, beta = bn.affine(bn_weight, bn_bias, weight.shape[0], x)
     x, h = v.in_format(x, fmt), v.in_format(h, fmt)
+    fast = None if group is not None else cpp_autograd(op, backend, x, h, weight, gamma, beta)
+    if fast is not None:
+        out, _, _ = forward_with_stats(lambda m, var: fast(x, h, weight, gamma, beta, m, var, *extra, eps, relu),
+                                       running_mean, running_var, training=training, momentum=momentum,
+                                       count=None, dtype=x.dtype)
+        return out
     if group is not None:
         return SyncEntryFunction.apply(x, h, weight, gamma, beta, running_mean, running_var, momentum, eps, relu,
                                        backend, group, op, extra)

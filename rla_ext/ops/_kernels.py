@@ -40,14 +40,18 @@ def kernels(op: str, backend: str) -> KernelPair:
 
 def forward_with_stats(call: Callable[[Tensor | None, Tensor | None], tuple[Tensor, ...]],
                        running_mean: Tensor | None, running_var: Tensor | None, *, training: bool,
-                       momentum: float, count: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
+                       momentum: float, count: int | None, dtype: torch.dtype) -> tuple[Tensor, ...]:
     """Run a kernel forward in training (batch stats, then the running update) or eval mode.
 
-    `call(mean, var)` runs the kernel; it returns (out, saved, mean, var) like every forward kernel.
+    `call(mean, var)` runs the kernel; it returns a tuple ending in the statistics (mean, var): (out,
+    saved, mean, var) for every forward kernel, (out, mean, var) for the C++ autograd ops. `count`: the
+    values per channel of the statistics; None: out's (N * H * W).
     """
     if training:
         result = call(None, None)
-        _batchnorm.update_running_stats(running_mean, running_var, result[2], result[3], count, momentum)
+        if count is None:
+            count = result[0].numel() // result[0].shape[1]
+        _batchnorm.update_running_stats(running_mean, running_var, result[-2], result[-1], count, momentum)
         return result
     assert running_mean is not None and running_var is not None
     return call(*_batchnorm.eval_stats(running_mean, running_var, dtype))
@@ -73,20 +77,44 @@ def fake_forward_outputs(like: Tensor, channels: int, gamma: Tensor,
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+def plain_eager(*args: Any) -> bool:
+    """Whether a call with `args` runs in plain eager execution: nothing could be tracing or transforming
+    it (torch.compile or export, a dispatch mode such as fake tensors or make_fx, functorch transforms,
+    tensor subclasses)."""
+    return not (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+                or torch._C._are_functorch_transforms_active()
+                or any(isinstance(a, Tensor) and type(a) not in _PLAIN_TENSORS for a in args))
+
+
 def eager_fast_path(op: Callable[..., Any], body: Callable[..., Any]) -> Callable[..., Any]:
     """`op` (a torch.library custom op made from `body`) with a fast path for plain eager calls.
 
     Going through the custom-op dispatcher costs tens of microseconds of Python per call, which is a
     visible share of the op at RLA-ResNet's small CPU shapes. In plain eager execution `body` runs
-    directly. Whenever anything could be tracing or transforming the call (torch.compile or export,
-    a dispatch mode such as fake tensors or make_fx, functorch transforms, tensor subclasses) the
+    directly. Whenever anything could be tracing or transforming the call (:func:`plain_eager`) the
     call goes through `op`, whose fake kernel and schema are what opcheck and the compile tests check.
     """
     def call(*args: Any) -> Any:
-        if (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
-                or torch._C._are_functorch_transforms_active()
-                or any(isinstance(a, Tensor) and type(a) not in _PLAIN_TENSORS for a in args)):
-            return op(*args)
-        return body(*args)
+        return body(*args) if plain_eager(*args) else op(*args)
 
     return call
+
+
+# Backends whose plain eager calls run the whole autograd in C++ (csrc/autograd.cpp: the kernels under
+# a torch::autograd::Function, ~90 us less host time per forward+backward on a CPU than the Python
+# Function). The code is device-generic, but "cuda" joins only once a GPU run has checked it.
+CPP_AUTOGRAD_BACKENDS = ("cpp",)
+
+
+def cpp_autograd(op: str, backend: str, *args: Any) -> Callable[..., tuple[Tensor, Tensor, Tensor]] | None:
+    """The C++ autograd op of `op` (torch.ops.rla_ext.<op>_autograd: the kernel forward's arguments ->
+    (out, mean, var)) when a call on `backend` with `args` can take it, else None."""
+    if backend not in CPP_AUTOGRAD_BACKENDS or not plain_eager(*args):
+        return None
+    return _cpp_autograd_op(op)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_autograd_op(op: str) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    _extension.load_error()  # a backend that resolved to "cpp" has loaded it; this makes sure
+    return getattr(torch.ops.rla_ext, f"{op}_autograd").default

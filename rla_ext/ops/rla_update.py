@@ -10,8 +10,8 @@ from rla_ext.ops import _autocast
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
-from rla_ext.ops._kernels import (eager_fast_path, empty_activation, fake_forward_outputs, forward_with_stats,
-                                  kernels)
+from rla_ext.ops._kernels import (cpp_autograd, eager_fast_path, empty_activation, fake_forward_outputs,
+                                  forward_with_stats, kernels)
 
 _OP = "rla_update"
 
@@ -183,9 +183,16 @@ def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | Non
     h, pool = v.prepool_for_kernel(h, pool, pool_mode)  # the kernels pool in floor mode only
     fmt = v.memory_format_of(y)
     gamma, beta = bn.affine(bn_weight, bn_bias, k, y)
+    h, y = v.in_format(h, fmt), v.in_format(y, fmt)
+    fast = None if sync else cpp_autograd(_OP, name, h, y, w_out, gamma, beta, w_rec)
+    if fast is not None:
+        out, _, _ = forward_with_stats(lambda m, var: fast(h, y, w_out, gamma, beta, m, var, w_rec, pool, eps),
+                                       running_mean, running_var, training=training, momentum=momentum,
+                                       count=None, dtype=y.dtype)
+        return out
     if sync:
-        return SyncRLAUpdateFunction.apply(v.in_format(h, fmt), v.in_format(y, fmt), w_out, gamma, beta, running_mean,
-                                           running_var, w_rec, pool, momentum, eps, name, group)
-    out, *_ = RLAUpdateFunction.apply(v.in_format(h, fmt), v.in_format(y, fmt), w_out, gamma, beta, running_mean,
-                                      running_var, w_rec, pool, training, momentum, eps, name)
+        return SyncRLAUpdateFunction.apply(h, y, w_out, gamma, beta, running_mean, running_var, w_rec, pool, momentum,
+                                           eps, name, group)
+    out, *_ = RLAUpdateFunction.apply(h, y, w_out, gamma, beta, running_mean, running_var, w_rec, pool, training,
+                                      momentum, eps, name)
     return out

@@ -14,8 +14,8 @@ import rla_ext
 from rla_ext.nn._bn_args import bn_args
 from rla_ext.ops import concat_conv3x3_bn_act
 from rla_ext.ops.concat_conv3x3_bn_act import FUSED as OP_FUSED
-from rla_testing import (assert_close, clone_inputs, compare_with_reference, fused_backends, param_dtype, run_op,
-                         to_format)
+from rla_testing import (assert_close, clone_inputs, compare_with_reference, fused_backends, make_entry3x3_inputs,
+                         run_op)
 
 pytestmark = pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_lower_isa.py
 
@@ -30,21 +30,6 @@ def fused_device_params() -> list:
 FORMATS = ["contiguous", "channels_last"]
 # (N, C, k, C_out, (H, W)): odd sizes, N=1, 1x1 images, primes.
 CASES = [(2, 8, 4, 6, (7, 5)), (1, 3, 2, 5, (5, 3)), (3, 5, 1, 7, (1, 1))]
-
-
-def make_inputs(n: int, c: int, k: int, co: int, hw: tuple[int, int], dtype: torch.dtype, fmt: str,
-                seed: int = 0, affine: bool = True, device: str = "cpu") -> dict:
-    """Inputs of concat_conv3x3_bn_act; running stats non-trivial so eval mode is meaningful."""
-    g = torch.Generator().manual_seed(seed)
-    pd = param_dtype(dtype)
-    rnd = lambda *s, dt=dtype: torch.randn(*s, generator=g, dtype=torch.float64).to(dt)  # noqa: E731
-    inputs = dict(x=to_format(rnd(n, c, *hw), fmt), h=to_format(rnd(n, k, *hw), fmt),
-                  weight=rnd(co, c + k, 3, 3) * (9 * (c + k)) ** -0.5,
-                  bn_weight=1 + 0.3 * rnd(co, dt=pd) if affine else None,
-                  bn_bias=0.2 * rnd(co, dt=pd) if affine else None,
-                  running_mean=0.1 * rnd(co, dt=pd),
-                  running_var=(0.5 + torch.rand(co, generator=g, dtype=torch.float64)).to(pd))
-    return {name: None if t is None else t.to(device) for name, t in inputs.items()}
 
 
 def composition(x, h, weight, bn_weight, bn_bias, running_mean, running_var, *, stride, training, momentum=0.1,
@@ -76,7 +61,7 @@ def _fmt(fmt: str) -> torch.memory_format:
 def test_fused_matches_reference(backend, device, dtype, fmt, training, stride, case):
     """Output, every gradient and the running statistics against the `torch` reference."""
     n, c, k, co, hw = case
-    inputs = make_inputs(n, c, k, co, hw, dtype, fmt, seed=n * 31 + c + stride, device=device)
+    inputs = make_entry3x3_inputs(n, c, k, co, hw, dtype, fmt, seed=n * 31 + c + stride, device=device)
     out = compare_with_reference(concat_conv3x3_bn_act, inputs, backend, dtype, stride=stride, training=training,
                                  momentum=0.1, eps=1e-5, activation="relu")
     assert out.shape == (n, co, (hw[0] - 1) // stride + 1, (hw[1] - 1) // stride + 1)
@@ -100,7 +85,7 @@ def test_half_precision_within_twice_eager_error(backend, device, dtype, fmt, tr
     size (seen in ~5% of random bf16 cases against the concatenated reference). The kernels reproduce
     the split composition's z bit for bit, so this bar is about the fused kernels' own error."""
     n, c, k, co, hw = case
-    inputs = make_inputs(n, c, k, co, hw, dtype, fmt, seed=n * 31 + c + stride, device=device)
+    inputs = make_entry3x3_inputs(n, c, k, co, hw, dtype, fmt, seed=n * 31 + c + stride, device=device)
     kw = dict(stride=stride, training=training, momentum=0.1, eps=1e-5)
     got = run_op(concat_conv3x3_bn_act, clone_inputs(inputs), backend=backend, **kw)
     eager = run_op(composition, clone_inputs(inputs), split=True, **kw)
@@ -118,7 +103,7 @@ def test_half_precision_within_twice_eager_error(backend, device, dtype, fmt, tr
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_matches_composition_written_here(backend, dtype, fmt, training, stride):
-    inputs = make_inputs(2, 6, 3, 5, (7, 5), dtype, fmt, seed=7 + stride)
+    inputs = make_entry3x3_inputs(2, 6, 3, 5, (7, 5), dtype, fmt, seed=7 + stride)
     kw = dict(stride=stride, training=training, momentum=0.1, eps=1e-5)
     got_out, got_grads, got_stats = run_op(concat_conv3x3_bn_act, clone_inputs(inputs), backend=backend, **kw)
     out, grads, stats = run_op(composition, clone_inputs(inputs), **kw)
@@ -133,7 +118,7 @@ def test_matches_composition_written_here(backend, dtype, fmt, training, stride)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("running", [True, False])
 def test_activation_none_no_affine_no_running_stats_mixed_layouts(backend, affine, running):
-    inputs = make_inputs(2, 5, 3, 4, (5, 6), torch.float64, "channels_last", affine=affine)
+    inputs = make_entry3x3_inputs(2, 5, 3, 4, (5, 6), torch.float64, "channels_last", affine=affine)
     if not running:
         inputs["running_mean"] = inputs["running_var"] = None
     inputs["h"] = inputs["h"].contiguous()  # h in another layout than x: the op conforms it to x
@@ -146,7 +131,7 @@ def test_activation_none_no_affine_no_running_stats_mixed_layouts(backend, affin
 def test_batchnorm_semantics_match_nn_batchnorm(backend, momentum):
     """Running statistics (momentum None: the cumulative average, resolved by the module's bookkeeping
     as for the other ops) and the eval output equal nn.BatchNorm2d's over a few steps (float64)."""
-    w = make_inputs(3, 4, 2, 5, (5, 5), torch.float64, "contiguous")["weight"]
+    w = make_entry3x3_inputs(3, 4, 2, 5, (5, 5), torch.float64, "contiguous")["weight"]
     ref = torch.nn.BatchNorm2d(5, momentum=momentum).double()
     mine = torch.nn.BatchNorm2d(5, momentum=momentum).double()
     for _ in range(3):
@@ -171,7 +156,7 @@ def test_batchnorm_semantics_match_nn_batchnorm(backend, momentum):
 @pytest.mark.parametrize("backend", FUSED)
 def test_no_concatenation_is_saved_for_backward(backend):
     """What autograd keeps: x, h, the weight, z and statistics, never a (N, C + k, H, W) tensor."""
-    inputs = clone_inputs(make_inputs(2, 6, 3, 5, (6, 6), torch.float32, "channels_last"))
+    inputs = clone_inputs(make_entry3x3_inputs(2, 6, 3, 5, (6, 6), torch.float32, "channels_last"))
     shapes = []
 
     def pack(t):
@@ -189,7 +174,7 @@ def test_no_concatenation_is_saved_for_backward(backend):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_gradcheck_float64(backend, device, fmt, training, stride):
-    inp = clone_inputs(make_inputs(2, 2, 2, 3, (3, 4), torch.float64, fmt, device=device))
+    inp = clone_inputs(make_entry3x3_inputs(2, 2, 2, 3, (3, 4), torch.float64, fmt, device=device))
     names = ["x", "h", "weight", "bn_weight", "bn_bias"]
 
     def fn(*args):
@@ -204,7 +189,7 @@ def test_gradcheck_float64(backend, device, fmt, training, stride):
 
 # ------------------------------------------------------------------------------------------- custom ops
 def _canonical(fmt: str):
-    inp = make_inputs(2, 5, 3, 4, (5, 4), torch.float32, fmt)
+    inp = make_entry3x3_inputs(2, 5, 3, 4, (5, 4), torch.float32, fmt)
     return (inp["x"], inp["h"], inp["weight"], inp["bn_weight"], inp["bn_bias"], inp["running_mean"],
             inp["running_var"])
 
@@ -239,7 +224,7 @@ def _entry(x, h, a, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
-    a0 = make_inputs(2, 5, 3, 6, (5, 4), torch.float32, "channels_last")
+    a0 = make_entry3x3_inputs(2, 5, 3, 6, (5, 4), torch.float32, "channels_last")
     results = []
     for compiled in (False, True):
         a = clone_inputs(a0)
@@ -256,13 +241,13 @@ def test_compile_fullgraph_matches_eager(backend):
 @pytest.mark.parametrize("backend", FUSED)
 def test_eager_fast_path_and_dispatch_modes(backend):
     """Plain eager runs the kernels without the custom-op dispatcher; fake tensors reach the fake kernels."""
-    inputs = clone_inputs(make_inputs(2, 6, 4, 5, (5, 4), torch.float32, "channels_last"))
+    inputs = clone_inputs(make_entry3x3_inputs(2, 6, 4, 5, (5, 4), torch.float32, "channels_last"))
     with torch.profiler.profile() as prof:
         concat_conv3x3_bn_act(**inputs, stride=2, training=True, backend=backend).sum().backward()
     events = {e.name for e in prof.events()}
     assert {"rla_ext::concat_conv3x3_bn_act_kernel_fwd", "rla_ext::concat_conv3x3_bn_act_kernel_bwd"} <= events
     assert not {"rla_ext::concat_conv3x3_bn_act_fwd", "rla_ext::concat_conv3x3_bn_act_bwd"} & events
-    real = make_inputs(2, 6, 4, 5, (5, 4), torch.float32, "channels_last")
+    real = make_entry3x3_inputs(2, 6, 4, 5, (5, 4), torch.float32, "channels_last")
     with FakeTensorMode() as mode:
         fake = {k: mode.from_tensor(t) for k, t in real.items()}
         out = concat_conv3x3_bn_act(**fake, stride=2, training=True, backend=backend)
@@ -274,7 +259,7 @@ def test_eager_fast_path_and_dispatch_modes(backend):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_autocast_bfloat16(backend, fmt, training):
-    inputs = make_inputs(3, 12, 4, 10, (7, 5), torch.float32, fmt, seed=3)
+    inputs = make_entry3x3_inputs(3, 12, 4, 10, (7, 5), torch.float32, fmt, seed=3)
     kw = dict(stride=2, training=training, momentum=0.1, eps=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = run_op(concat_conv3x3_bn_act, clone_inputs(inputs), backend=backend, **kw)
@@ -297,7 +282,7 @@ def test_autocast_bfloat16(backend, fmt, training):
 def test_empty_batch_behaves_as_torch(backend, fmt, training):
     """F.batch_norm on an empty batch: an empty output, the running statistics untouched, empty gradients
     for x and h, zero ones for the parameters."""
-    inputs = make_inputs(0, 4, 2, 3, (5, 5), torch.float32, fmt)
+    inputs = make_entry3x3_inputs(0, 4, 2, 3, (5, 5), torch.float32, fmt)
     got = run_op(concat_conv3x3_bn_act, clone_inputs(inputs), backend=backend, stride=2, training=training)
     want = run_op(composition, clone_inputs(inputs), stride=2, training=training)
     assert got[0].shape == want[0].shape == (0, 3, 3, 3)
@@ -309,7 +294,7 @@ def test_empty_batch_behaves_as_torch(backend, fmt, training):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_nan_and_inf_propagate_as_in_the_reference(backend):
-    inputs = make_inputs(2, 4, 2, 3, (4, 4), torch.float32, "channels_last")
+    inputs = make_entry3x3_inputs(2, 4, 2, 3, (4, 4), torch.float32, "channels_last")
     x = inputs["x"].clone()
     x[0, 1, 2, 3] = float("nan")
     x[1, 0, 0, 0] = float("inf")
@@ -333,7 +318,7 @@ def test_synchronised_path_with_one_rank_is_the_local_op(backend, tmp_path):
         pytest.skip("a process group is already initialised in this process")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
-        inputs = make_inputs(2, 4, 3, 5, (5, 4), torch.float64, "channels_last")
+        inputs = make_entry3x3_inputs(2, 4, 3, 5, (5, 4), torch.float64, "channels_last")
 
         def synced(x, h, weight, bn_weight, bn_bias, running_mean, running_var, *, backend):
             return _concat_entry.fused_call("concat_conv3x3_bn_act", (2,), x, h, weight, bn_weight, bn_bias,
@@ -352,7 +337,7 @@ def test_synchronised_path_with_one_rank_is_the_local_op(backend, tmp_path):
 
 # ------------------------------------------------------------------------------------------- errors
 def _bad(**overrides):
-    inp = make_inputs(2, 4, 2, 3, (5, 5), torch.float32, "contiguous")
+    inp = make_entry3x3_inputs(2, 4, 2, 3, (5, 5), torch.float32, "contiguous")
     kw = dict(training=True)
     for key, value in overrides.items():
         (inp if key in inp else kw)[key] = value
@@ -410,7 +395,7 @@ def test_triton_runs_the_reference():
     """"triton" has no kernels of this op (module docstring): it runs the reference, bit for bit."""
     if "triton" not in rla_ext.available_backends("cpu"):
         pytest.skip("triton is not available here")
-    inputs = make_inputs(2, 4, 2, 3, (5, 5), torch.float32, "channels_last")
+    inputs = make_entry3x3_inputs(2, 4, 2, 3, (5, 5), torch.float32, "channels_last")
     got = run_op(concat_conv3x3_bn_act, clone_inputs(inputs), backend="triton", stride=2, training=True)
     want = run_op(concat_conv3x3_bn_act, clone_inputs(inputs), backend="torch", stride=2, training=True)
     assert torch.equal(got[0], want[0])

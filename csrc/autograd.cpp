@@ -1,0 +1,174 @@
+// The fused ops' autograd in C++: the eager fast path of rla_ext/ops/ (see _kernels.plain_eager).
+//
+// Why it exists: at RLA-ResNet's small stages a fused call's Python autograd.Function, its custom-op
+// bodies and an autograd fallback on the kernel ops cost ~90 us of host time per forward+backward on
+// a CPU, more than the whole chain of eager ops it replaces. Here the same kernels run under a C++
+// torch::autograd::Function: the forward calls the kernel op below autograd, saves what the Python
+// Function saves, and the backward node calls the backward kernel without returning to Python.
+//
+// Device-generic: the kernel ops are called through the dispatcher, which picks the CPU or CUDA kernel.
+// What stays in Python (one source of truth): argument validation, the BatchNorm bookkeeping (eval
+// statistics, the running-statistics update from the returned batch statistics), formats and affine
+// defaults. These ops are only called in plain eager execution; tracing (torch.compile, fake tensors,
+// dispatch modes) takes the Python path with the custom ops and their fake kernels.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "cpu/common.h"
+
+namespace rla_ext {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<Tensor>;
+using Fwd4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Grads5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Grads6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using CT = const Tensor&;
+using COT = const OptTensor&;
+
+template <class Sig>
+c10::TypedOperatorHandle<Sig> kernel_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// The kernels see exactly the dtypes they are given, as on the Python path (which turns autocast off
+// around them): an enclosing autocast would otherwise recast the ATen GEMMs inside a CPU kernel.
+// Below autograd as well, unless a backward is itself being recorded (create_graph): the kernel ops
+// have no autograd of their own, and their not-implemented fallback costs ~15 us per call even with
+// grad mode off. (Inside forward grad mode is always off.)
+struct KernelGuard {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+  KernelGuard() {
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+  }
+};
+
+// grad_out as the backward kernels take it: the activations' dtype and memory format (autograd may
+// hand another), as rla_ext/ops' _bwd_body does.
+Tensor grad_like(const Tensor& grad, const Tensor& like) {
+  return grad.to(like.scalar_type()).contiguous(cpu::memory_format_of(like));
+}
+
+// The block entries act(bn(conv(cat(x, h)))): stride 0 is the bottleneck's 1x1 entry
+// (concat_conv_bn_act), else the basic block's 3x3 entry with that stride (concat_conv3x3_bn_act).
+// Returns (out, mean, var): the batch statistics (training) or the given ones (eval), non-differentiable.
+struct EntryFunction : public torch::autograd::Function<EntryFunction> {
+  static variable_list forward(AutogradContext* ctx, CT x, CT h, CT weight, CT gamma, CT beta, COT mean, COT var,
+                               int64_t stride, double eps, bool relu) {
+    static const auto fwd1 = kernel_op<Fwd4(CT, CT, CT, CT, CT, COT, COT, double, bool)>(
+        "rla_ext::concat_conv_bn_act_kernel_fwd");
+    static const auto fwd3 = kernel_op<Fwd4(CT, CT, CT, CT, CT, COT, COT, int64_t, double, bool)>(
+        "rla_ext::concat_conv3x3_bn_act_kernel_fwd");
+    KernelGuard guard;
+    auto [out, z, m, v] = stride == 0 ? fwd1.call(x, h, weight, gamma, beta, mean, var, eps, relu)
+                                      : fwd3.call(x, h, weight, gamma, beta, mean, var, stride, eps, relu);
+    ctx->save_for_backward({x, h, weight, gamma, beta, z, m, v});
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["training"] = !mean.has_value();
+    ctx->mark_non_differentiable({m, v});
+    // Only out's gradient is used: no zero tensors filled in for the statistics' gradients.
+    ctx->set_materialize_grads(false);
+    return {out, m, v};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd1 = kernel_op<Grads5(CT, CT, CT, CT, CT, CT, CT, CT, CT, double, bool, bool)>(
+        "rla_ext::concat_conv_bn_act_kernel_bwd");
+    static const auto bwd3 = kernel_op<Grads5(CT, CT, CT, CT, CT, CT, CT, CT, CT, int64_t, double, bool, bool)>(
+        "rla_ext::concat_conv3x3_bn_act_kernel_bwd");
+    if (!grads[0].defined()) return variable_list(10);
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &h = saved[1], &w = saved[2], &gamma = saved[3], &beta = saved[4], &z = saved[5],
+                 &m = saved[6], &v = saved[7];
+    const int64_t stride = ctx->saved_data["stride"].toInt();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool relu = ctx->saved_data["relu"].toBool(), training = ctx->saved_data["training"].toBool();
+    const Tensor go = grad_like(grads[0], x);
+    KernelGuard guard;
+    auto [dx, dh, dw, dgamma, dbeta] =
+        stride == 0 ? bwd1.call(go, x, h, w, gamma, beta, z, m, v, eps, relu, training)
+                    : bwd3.call(go, x, h, w, gamma, beta, z, m, v, stride, eps, relu, training);
+    return {dx, dh, dw, dgamma, dbeta, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// rla_update: rec3x3(tanh(bn(pool?(h) + out1x1(y)))). Returns (out, mean, var) as EntryFunction.
+struct UpdateFunction : public torch::autograd::Function<UpdateFunction> {
+  static variable_list forward(AutogradContext* ctx, CT h, CT y, CT out_weight, CT gamma, CT beta, COT mean,
+                               COT var, CT rec_weight, bool pool, double eps) {
+    static const auto fwd = kernel_op<Fwd4(CT, CT, CT, CT, CT, COT, COT, CT, bool, double)>(
+        "rla_ext::rla_update_kernel_fwd");
+    KernelGuard guard;
+    auto [out, s, m, v] = fwd.call(h, y, out_weight, gamma, beta, mean, var, rec_weight, pool, eps);
+    ctx->save_for_backward({h, y, out_weight, gamma, beta, rec_weight, s, m, v});
+    ctx->saved_data["pool"] = pool;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["training"] = !mean.has_value();
+    ctx->mark_non_differentiable({m, v});
+    ctx->set_materialize_grads(false);
+    return {out, m, v};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = kernel_op<Grads6(CT, CT, CT, CT, CT, CT, CT, CT, CT, CT, bool, double, bool)>(
+        "rla_ext::rla_update_kernel_bwd");
+    if (!grads[0].defined()) return variable_list(10);
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &h = saved[0], &y = saved[1], &w_out = saved[2], &gamma = saved[3], &beta = saved[4],
+                 &w_rec = saved[5], &s = saved[6], &m = saved[7], &v = saved[8];
+    const bool pool = ctx->saved_data["pool"].toBool(), training = ctx->saved_data["training"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const Tensor go = grad_like(grads[0], y);
+    KernelGuard guard;
+    auto [dh, dy, dw_out, dw_rec, dgamma, dbeta] =
+        bwd.call(go, h, y, w_out, gamma, beta, w_rec, s, m, v, pool, eps, training);
+    return {dh, dy, dw_out, dgamma, dbeta, Tensor(), Tensor(), dw_rec, Tensor(), Tensor()};
+  }
+};
+
+using Out3 = std::tuple<Tensor, Tensor, Tensor>;
+
+Out3 as_tuple(const variable_list& r) { return {r[0], r[1], r[2]}; }
+
+Out3 concat_conv_bn_act(CT x, CT h, CT weight, CT gamma, CT beta, COT mean, COT var, double eps, bool relu) {
+  return as_tuple(EntryFunction::apply(x, h, weight, gamma, beta, mean, var, int64_t{0}, eps, relu));
+}
+
+Out3 concat_conv3x3_bn_act(CT x, CT h, CT weight, CT gamma, CT beta, COT mean, COT var, int64_t stride, double eps,
+                           bool relu) {
+  TORCH_CHECK(stride > 0, "concat_conv3x3_bn_act_autograd: stride must be positive, got ", stride);
+  return as_tuple(EntryFunction::apply(x, h, weight, gamma, beta, mean, var, stride, eps, relu));
+}
+
+Out3 rla_update(CT h, CT y, CT out_weight, CT gamma, CT beta, COT mean, COT var, CT rec_weight, bool pool,
+                double eps) {
+  return as_tuple(UpdateFunction::apply(h, y, out_weight, gamma, beta, mean, var, rec_weight, pool, eps));
+}
+
+}  // namespace
+
+// Autograd: the Functions above. CompositeExplicitAutograd: the same call where autograd is not in the
+// dispatch key set (inference_mode tensors), where Function::apply simply records nothing.
+TORCH_LIBRARY_IMPL(rla_ext, Autograd, m) {
+  m.impl("concat_conv_bn_act_autograd", &concat_conv_bn_act);
+  m.impl("concat_conv3x3_bn_act_autograd", &concat_conv3x3_bn_act);
+  m.impl("rla_update_autograd", &rla_update);
+}
+
+TORCH_LIBRARY_IMPL(rla_ext, CompositeExplicitAutograd, m) {
+  m.impl("concat_conv_bn_act_autograd", &concat_conv_bn_act);
+  m.impl("concat_conv3x3_bn_act_autograd", &concat_conv3x3_bn_act);
+  m.impl("rla_update_autograd", &rla_update);
+}
+
+}  // namespace rla_ext
