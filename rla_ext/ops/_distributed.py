@@ -3,8 +3,9 @@
 torch's ``nn.SyncBatchNorm`` refuses CPU modules, so the statistics are all-reduced here through
 ``torch.distributed`` directly; this works on gloo (CPU) and NCCL (GPU) alike.
 
-The exchange (:func:`all_reduce_sum`) is a functional collective, so ``torch.compile(fullgraph=True)``
-traces the synchronised fused ops, collectives included, without a graph break.
+Every exchange goes through :func:`all_reduce_sum`, a functional collective (differentiable through
+``_AllReduceSum`` where autograd must flow through it), so ``torch.compile(fullgraph=True)`` traces
+synchronised BatchNorm, collectives included, without a graph break.
 
 Statistics are combined per channel from each rank's (count, mean, M2 = count * biased var) in
 float64: the pooled second moment ``sum(M2 + count * mean^2)`` minus ``M * mean_glob^2`` cancels only
@@ -58,7 +59,22 @@ def all_reduce_sum(t: Tensor, group: object) -> Tensor:
     by the same backend); works on gloo and NCCL.
     """
     ops = torch.ops._c10d_functional
-    return ops.wait_tensor(ops.all_reduce(t, "sum", group.group_name))
+    return ops.wait_tensor(ops.all_reduce(t.contiguous(), "sum", group.group_name))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """:func:`all_reduce_sum` with its gradient, for the differentiable path: every rank's output is the
+    sum of every rank's input, so each input's gradient is the sum over ranks of the output gradients
+    (as ``torch.distributed.nn.functional.all_reduce``, which torch.compile refuses to trace)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group: object) -> Tensor:
+        ctx.group = group
+        return all_reduce_sum(t, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.group), None
 
 
 # ------------------------------------------------------------------ fused-op path (explicit backward)
@@ -118,8 +134,6 @@ def sync_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor 
     Autograd flows through the differentiable all-reduce, so every rank's input gradient includes the
     other ranks' dependence on its values (what a single process with the whole batch computes).
     """
-    import torch.distributed.nn.functional as dist_fn
-
     c = x.shape[1]
     count = x.numel() // c
     bn.check_training_batch(count, x.shape, True)
@@ -129,7 +143,7 @@ def sync_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor 
     m2 = (xs - _c(mean)).square().sum(_DIMS)
     m = mean.double()
     packed = torch.cat((m.new_full((1,), float(count)), m * count, m2.double() + m * m * count))
-    packed = dist_fn.all_reduce(packed, group=group)
+    packed = _AllReduceSum.apply(packed, group)
     total, s, q = packed[0], packed[1:1 + c], packed[1 + c:]
     gmean = s / total
     gvar = (q / total - gmean * gmean).clamp_min(0)
