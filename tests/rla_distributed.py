@@ -44,6 +44,11 @@ def compiled_scenarios(compiler: str) -> list[str]:
     return [f"compiled-{compiler}"] if "cpp" in _backends() else []
 
 
+def slow_scenarios() -> list[str]:
+    """The second spawn's: the ops compiled by inductor, and the whole model under aot_eager."""
+    return compiled_scenarios("inductor") + (["model-cpp-compiled"] if "cpp" in _backends() else [])
+
+
 def model_scenarios() -> list[str]:
     return [f"model-{b}" for b in ["torch", *_backends()]]
 
@@ -224,7 +229,9 @@ def _check_model(name: str, rank: int) -> None:
     out_full = ref(x_full)
     (out_full * up).sum().backward()
     x_loc = _slice(x, rank).clone().requires_grad_()
-    out_loc = model(x_loc)
+    # "model-{backend}-compiled": the synchronised model (fused ops and SyncBatchNorm2d) traced whole.
+    run = torch.compile(model, fullgraph=True, backend="aot_eager") if name.endswith("-compiled") else model
+    out_loc = run(x_loc)
     (out_loc * _slice(up, rank)).sum().backward()
     tol = torch.float64
     _close(out_loc, _slice(out_full, rank).detach(), tol, "logits slice")
@@ -273,9 +280,9 @@ def _check_ddp(name: str, rank: int) -> None:
 
 
 def _checks(suite: str) -> list[tuple[str, Callable[[str, int], None]]]:
-    """The scenarios of a spawn: "default" (quick) or "inductor" (the compiled scenario under inductor)."""
-    if suite == "inductor":
-        return [(n, _check_compiled) for n in compiled_scenarios("inductor")]
+    """The scenarios of a spawn: "default" (quick) or "slow" (slow_scenarios)."""
+    if suite == "slow":
+        return [(n, _check_model if n.startswith("model-") else _check_compiled) for n in slow_scenarios()]
     return ([(n, _check_op) for n in op_scenarios()]
             + [(n, _check_compiled) for n in compiled_scenarios("aot_eager")]
             + [(n, _check_model) for n in model_scenarios()] + [(n, _check_ddp) for n in SCENARIOS_DDP])

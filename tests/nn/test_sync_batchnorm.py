@@ -7,7 +7,7 @@ against a single process on the whole batch; on the fused backends, one all-redu
 sums per op in forward and one in backward; for DDP, a few training steps give identical weights on
 both ranks and equal a single process trained on the whole batch. The compiled scenario runs both
 ops under torch.compile(fullgraph=True) on uneven batches (aot_eager here; inductor in a second,
-slow spawn). Workers: tests/rla_distributed.py.
+slow spawn, with the whole synchronised model compiled by aot_eager). Workers: tests/rla_distributed.py.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from rla_distributed import (SCENARIOS_DDP, WORLD, compiled_scenarios, model_scenarios, op_scenarios,
-                             small_model, worker)
+                             slow_scenarios, small_model, worker)
 from rla_ext.nn import convert_sync_batchnorm
 
 pytestmark = pytest.mark.distributed
@@ -39,8 +39,8 @@ def results(tmp_path_factory) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def inductor_results(tmp_path_factory) -> list[dict]:
-    return _spawn(tmp_path_factory, "inductor")
+def slow_results(tmp_path_factory) -> list[dict]:
+    return _spawn(tmp_path_factory, "slow")
 
 
 def _assert_ok(results: list[dict], name: str) -> None:
@@ -65,9 +65,9 @@ def test_compiled_ops_two_ranks_equal_one_process(results, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", compiled_scenarios("inductor"))
-def test_inductor_compiled_ops_two_ranks_equal_one_process(inductor_results, name):
-    _assert_ok(inductor_results, name)
+@pytest.mark.parametrize("name", slow_scenarios())
+def test_compiled_slow_two_ranks_equal_one_process(slow_results, name):
+    _assert_ok(slow_results, name)
 
 
 @pytest.mark.parametrize("name", SCENARIOS_DDP)
