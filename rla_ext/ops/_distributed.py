@@ -3,6 +3,10 @@
 torch's ``nn.SyncBatchNorm`` refuses CPU modules, so the statistics are all-reduced here through
 ``torch.distributed`` directly; this works on gloo (CPU) and NCCL (GPU) alike.
 
+Every exchange goes through :func:`all_reduce_sum`, a functional collective (differentiable through
+``_AllReduceSum`` where autograd must flow through it), so ``torch.compile(fullgraph=True)`` traces
+synchronised BatchNorm, collectives included, without a graph break.
+
 Statistics are combined per channel from each rank's (count, mean, M2 = count * biased var) in
 float64: the pooled second moment ``sum(M2 + count * mean^2)`` minus ``M * mean_glob^2`` cancels only
 in float64, where the local means already remove the large part of the values, so it stays accurate
@@ -44,6 +48,35 @@ def _c(t: Tensor) -> Tensor:
     return t[None, :, None, None]
 
 
+def all_reduce_sum(t: Tensor, group: object) -> Tensor:
+    """The sum of `t` over the ranks of `group`, as a new tensor (`t` is left unchanged); blocks until done.
+
+    Every exchange of the fused ops' synchronised BatchNorm goes through here. It is the out-of-place
+    functional collective (``_c10d_functional.all_reduce`` + ``wait_tensor``, what
+    ``torch.distributed._functional_collectives`` is built on, without its AsyncCollectiveTensor
+    wrapper), so torch.compile puts it in the graph as it stands, in forward and backward alike, and
+    no intermediate is mutated in place. Same values as an in-place ``dist.all_reduce`` (the same sum
+    by the same backend); works on gloo and NCCL.
+    """
+    ops = torch.ops._c10d_functional
+    return ops.wait_tensor(ops.all_reduce(t.contiguous(), "sum", group.group_name))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """:func:`all_reduce_sum` with its gradient, for the differentiable path: every rank's output is the
+    sum of every rank's input, so each input's gradient is the sum over ranks of the output gradients
+    (as ``torch.distributed.nn.functional.all_reduce``, which torch.compile refuses to trace)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group: object) -> Tensor:
+        ctx.group = group
+        return all_reduce_sum(t, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
 # ------------------------------------------------------------------ fused-op path (explicit backward)
 @torch.no_grad()
 def global_stats(mean: Tensor, var: Tensor, count: int, group: object) -> tuple[Tensor, Tensor, Tensor]:
@@ -53,7 +86,7 @@ def global_stats(mean: Tensor, var: Tensor, count: int, group: object) -> tuple[
     """
     m = mean.double()
     packed = torch.cat((m.new_full((1,), float(count)), m * count, (var.double() + m * m) * count))
-    dist.all_reduce(packed, group=group)
+    packed = all_reduce_sum(packed, group)
     total, s, q = packed[0], packed[1:1 + m.numel()], packed[1 + m.numel():]
     gmean = s / total
     gvar = (q / total - gmean * gmean).clamp_min(0)
@@ -88,8 +121,7 @@ def bn_input_grad(g: Tensor, xhat: Tensor, total: Tensor, group: object) -> tupl
     """
     dbeta = g.sum(_DIMS)
     dgamma = (g * xhat).sum(_DIMS)
-    both = torch.stack((dbeta, dgamma)).double()
-    dist.all_reduce(both, group=group)
+    both = all_reduce_sum(torch.stack((dbeta, dgamma)).double(), group)
     both = (both / total).to(g.dtype)
     return g - _c(both[0]) - xhat * _c(both[1]), dgamma, dbeta
 
@@ -102,8 +134,6 @@ def sync_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor 
     Autograd flows through the differentiable all-reduce, so every rank's input gradient includes the
     other ranks' dependence on its values (what a single process with the whole batch computes).
     """
-    import torch.distributed.nn.functional as dist_fn
-
     c = x.shape[1]
     count = x.numel() // c
     bn.check_training_batch(count, x.shape, True)
@@ -113,7 +143,7 @@ def sync_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor 
     m2 = (xs - _c(mean)).square().sum(_DIMS)
     m = mean.double()
     packed = torch.cat((m.new_full((1,), float(count)), m * count, m2.double() + m * m * count))
-    packed = dist_fn.all_reduce(packed, group=group)
+    packed = _AllReduceSum.apply(packed, group)
     total, s, q = packed[0], packed[1:1 + c], packed[1 + c:]
     gmean = s / total
     gvar = (q / total - gmean * gmean).clamp_min(0)

@@ -1,10 +1,13 @@
-"""Synchronised BatchNorm over 2 gloo processes: 2 ranks x batch 2 must equal 1 process x batch 4.
+"""Synchronised BatchNorm over 2 gloo processes: 2 ranks x batch 2 (or 3 + 1) must equal 1 process x batch 4.
 
 One spawn (module fixture) runs every scenario on both ranks and records, per rank, "ok" or the
 failure; the tests below assert on those records. Checked per scenario: each rank's output slice,
 its input-gradient slice, the running statistics, and the parameter gradients summed over ranks,
-against a single process on the whole batch; for DDP, a few training steps give identical weights on
-both ranks and equal a single process trained on the whole batch. Workers: tests/rla_distributed.py.
+against a single process on the whole batch; on the fused backends, one all-reduce of per-channel
+sums per op in forward and one in backward; for DDP, a few training steps give identical weights on
+both ranks and equal a single process trained on the whole batch. The compiled scenario runs both
+ops under torch.compile(fullgraph=True) on uneven batches (aot_eager here; inductor in a second,
+slow spawn, with the whole synchronised model compiled by aot_eager). Workers: tests/rla_distributed.py.
 """
 from __future__ import annotations
 
@@ -14,19 +17,30 @@ import json
 import pytest
 import torch
 
-from rla_distributed import SCENARIOS_DDP, WORLD, model_scenarios, op_scenarios, small_model, worker
+from rla_distributed import (SCENARIOS_DDP, WORLD, compiled_scenarios, model_scenarios, op_scenarios,
+                             slow_scenarios, small_model, worker)
 from rla_ext.nn import convert_sync_batchnorm
 
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> list[dict]:
+def _spawn(tmp_path_factory, suite: str) -> list[dict]:
+    """Run the worker's `suite` on WORLD gloo processes; -> each rank's {scenario: "ok" or the failure}."""
     import torch.multiprocessing as mp
 
-    tmp = tmp_path_factory.mktemp("sync_bn")
-    mp.spawn(worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    tmp = tmp_path_factory.mktemp(f"sync_bn_{suite}")
+    mp.spawn(worker, args=(str(tmp / "init"), str(tmp), suite), nprocs=WORLD, join=True)
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[dict]:
+    return _spawn(tmp_path_factory, "default")
+
+
+@pytest.fixture(scope="module")
+def slow_results(tmp_path_factory) -> list[dict]:
+    return _spawn(tmp_path_factory, "slow")
 
 
 def _assert_ok(results: list[dict], name: str) -> None:
@@ -43,6 +57,17 @@ def test_ops_two_ranks_equal_one_process(results, name):
 @pytest.mark.parametrize("name", model_scenarios())
 def test_model_two_ranks_equal_one_process(results, name):
     _assert_ok(results, name)
+
+
+@pytest.mark.parametrize("name", compiled_scenarios("aot_eager"))
+def test_compiled_ops_two_ranks_equal_one_process(results, name):
+    _assert_ok(results, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", slow_scenarios())
+def test_compiled_slow_two_ranks_equal_one_process(slow_results, name):
+    _assert_ok(slow_results, name)
 
 
 @pytest.mark.parametrize("name", SCENARIOS_DDP)
