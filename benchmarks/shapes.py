@@ -12,6 +12,7 @@ at the previous stage's resolution).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 RLA_CHANNELS = 32  # k: the published default hidden-state width
@@ -83,10 +84,10 @@ def _matches(stage: Stage, name: str) -> bool:
     return name in (stage.label, str(stage.channels))
 
 
-def select_stages(names: list[str] | tuple[str, ...], op: str) -> tuple[Stage, ...]:
-    """The stages of `op`'s table named in `names` (labels like ``C256xH56`` or channel counts, which
-    select every stage of the op with that many input channels), in the table's order."""
-    return tuple(s for s in stages_for(op) if any(_matches(s, n) for n in names))
+def select_stages(names: Sequence[str], table: Sequence[Stage]) -> tuple[Stage, ...]:
+    """The stages of `table` (e.g. ``stages_for(op)``) named in `names` (labels like ``C256xH56`` or
+    channel counts, which select every stage with that many input channels), in the table's order."""
+    return tuple(s for s in table if any(_matches(s, n) for n in names))
 
 
 def stage_by_label(label: str, op: str | None = None) -> Stage:
