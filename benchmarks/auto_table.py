@@ -3,7 +3,8 @@
     python -m benchmarks.auto_table benchmarks/results/<run>/results.json            # print
     python -m benchmarks.auto_table benchmarks/results/<run>/results.json --write    # update rla_ext
 
-For each op, stage and pass of the run (fwd and fwd+bwd rows that succeeded) the fused backends and the reference
+For each op, size class and pass of the run (fwd and fwd+bwd rows that succeeded, at the stage shapes of
+benchmarks.shapes.OP_STAGES; several shapes of one class are summed) the fused backends and the reference
 (the run's `eager` rows, backend "torch") are ordered by median time, so that where eager PyTorch was
 faster than every fused kernel ``auto`` runs the reference there. Rows measured under torch.compile
 (``compile``, ``compile+<backend>``) make entries of their own (pass "compiled fwd+bwd", ...), which
@@ -42,23 +43,35 @@ Key = tuple[str, str, int, str]  # (device type, op, size class, pass)
 
 
 def preference_from_results(results: dict[str, Any]) -> dict[Key, tuple[str, ...]]:
-    """(device type, op, size class, pass) -> backends (fused and "torch") ordered by median time."""
+    """(device type, op, size class, pass) -> backends (fused and "torch") ordered by median time.
+
+    The size class is that of the op's input (x's H, W: what ``rla_ext._backend.resolve`` looks up), so
+    a strided entry shares its key with the stride-1 entry at the same input size (the basic block's
+    C16xH32 and C16xH32s2). Where a key holds several shapes, the backends are ordered by the sum of
+    their medians over the shapes every one of them measured: one order for the calls of that class.
+    """
     device = results["device_type"]
-    times: dict[Key, list[tuple[float, str]]] = defaultdict(list)
+    times: dict[Key, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     for row in results["rows"]:
         if (row.get("kind") != "op" or row.get("pass") not in PASSES or row.get("status") != "ok"
                 or row.get("provider") not in BACKEND_OF or not row.get("time_ms")):
             continue
         try:
-            size = stage_by_label(row["shape"]).size
-        except ValueError:  # not one of the stage shapes
+            size = stage_by_label(row["shape"], row["op"]).size
+        except ValueError:  # not one of the op's stage shapes (or not a benchmarked op)
             continue
         backend, compiled = BACKEND_OF[row["provider"]]
         key = (device, row["op"], _auto_table.size_class(size, size), (COMPILED if compiled else "") + row["pass"])
-        median = row["time_ms"]["median"]
-        times[key].append((median * (1 + REFERENCE_MARGIN) if backend == "torch" else median, backend))
-    # One measured backend orders nothing: such a key keeps the static order.
-    return {key: tuple(p for _, p in sorted(v)) for key, v in sorted(times.items()) if len(v) > 1}
+        times[key][backend][row["shape"]] = row["time_ms"]["median"]
+    preference = {}
+    for key, per_backend in sorted(times.items()):
+        shapes = set.intersection(*(set(s) for s in per_backend.values()))
+        if len(per_backend) < 2 or not shapes:  # one measured backend orders nothing: the static order stays
+            continue
+        total = {b: sum(s[shape] for shape in shapes) for b, s in per_backend.items()}
+        margin = {b: 1 + (REFERENCE_MARGIN if b == "torch" else 0.0) for b in total}
+        preference[key] = tuple(b for _, b in sorted((total[b] * margin[b], b) for b in total))
+    return preference
 
 
 def render(sources: dict[str, dict[str, str]], preference: dict[Key, tuple[str, ...]], text: str) -> str:

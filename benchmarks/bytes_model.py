@@ -1,4 +1,4 @@
-"""How many bytes a fused implementation of each op must move (SPEC §5).
+"""How many bytes a fused implementation of each op must move (SPEC §5), per pass.
 
 The model counts compulsory traffic: every tensor the op consumes is read once and every tensor it
 produces is written once, where "produces" follows the kernel contract in docs/ARCHITECTURE.md
@@ -39,6 +39,23 @@ def _check_pass(pass_: str) -> None:
         raise ValueError(f"pass_: expected one of {PASSES}, got {pass_!r}")
 
 
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _concat_entry_traffic(x: int, h: int, w: int, act_out: int, pass_: str) -> Traffic:
+    """The entry ops' common pattern, from the bytes of x, h, the weight and one output activation.
+
+    fwd: read x, h, weight; write out and z (the pre-BN conv output kept for backward).
+    bwd: read grad_out, z, x, h, weight; write dx, dh, dweight.
+    """
+    _check_pass(pass_)
+    fwd = Traffic(read=x + h + w, written=2 * act_out)
+    if pass_ == "fwd":
+        return fwd
+    return fwd + Traffic(read=2 * act_out + x + h + w, written=x + h + w)
+
+
 def concat_conv_bn_act_traffic(n: int, c: int, k: int, c_out: int, hw: int, dtype: torch.dtype,
                                pass_: str = "fwd") -> Traffic:
     """Op A on x (n, c, H, W), h (n, k, H, W) -> (n, c_out, H, W), hw = H * W, training mode.
@@ -46,14 +63,25 @@ def concat_conv_bn_act_traffic(n: int, c: int, k: int, c_out: int, hw: int, dtyp
     fwd: read x, h, weight; write out and z (the pre-BN conv output kept for backward).
     bwd: read grad_out, z, x, h, weight; write dx, dh, dweight.
     """
-    _check_pass(pass_)
-    e = torch.empty((), dtype=dtype).element_size()
-    x, h, w = n * c * hw * e, n * k * hw * e, c_out * (c + k) * e
-    act_out = n * c_out * hw * e
-    fwd = Traffic(read=x + h + w, written=2 * act_out)
-    if pass_ == "fwd":
-        return fwd
-    return fwd + Traffic(read=2 * act_out + x + h + w, written=x + h + w)
+    e = _element_size(dtype)
+    return _concat_entry_traffic(x=n * c * hw * e, h=n * k * hw * e, w=c_out * (c + k) * e,
+                                 act_out=n * c_out * hw * e, pass_=pass_)
+
+
+def concat_conv3x3_bn_act_traffic(n: int, c: int, k: int, c_out: int, height: int, width: int,
+                                  dtype: torch.dtype, pass_: str = "fwd", stride: int = 1) -> Traffic:
+    """The basic block's 3x3 entry on x (n, c, H, W), h (n, k, H, W) -> (n, c_out, ceil(H / stride),
+    ceil(W / stride)) (3x3 conv, padding 1), training mode.
+
+    The same tensors as op A: fwd reads x, h and the (c_out, c + k, 3, 3) weight and writes out and z;
+    bwd reads grad_out, z, x, h, weight and writes dx, dh, dweight. Only the weight (9x) and the
+    output's resolution (1/stride^2 of the input's pixels) differ. The 3x3 taps' re-reads of x and h
+    (the halo) stay on chip and are not counted.
+    """
+    e = _element_size(dtype)
+    hw, hw_out = height * width, -(-height // stride) * -(-width // stride)
+    return _concat_entry_traffic(x=n * c * hw * e, h=n * k * hw * e, w=c_out * (c + k) * 9 * e,
+                                 act_out=n * c_out * hw_out * e, pass_=pass_)
 
 
 def rla_update_traffic(n: int, c: int, k: int, hw: int, dtype: torch.dtype, pass_: str = "fwd",
@@ -65,7 +93,7 @@ def rla_update_traffic(n: int, c: int, k: int, hw: int, dtype: torch.dtype, pass
     write dh, dy and both weight gradients (h itself is only needed for its shape).
     """
     _check_pass(pass_)
-    e = torch.empty((), dtype=dtype).element_size()
+    e = _element_size(dtype)
     h = n * k * hw * (4 if pool else 1) * e
     y = n * c * hw * e
     w = (k * c + k * k * 9) * e

@@ -14,6 +14,7 @@ benchmark dtype, the usual mixed-precision arrangement.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,9 +24,13 @@ from torch import Tensor, nn
 
 import rla_ext
 from benchmarks import bytes_model
-from benchmarks.shapes import RLA_CHANNELS, Stage
+from benchmarks.shapes import OP_STAGES, Stage
 
-OPS = ("concat_conv_bn_act", "rla_update")
+# The op's module (rla_ext.ops re-exports the function under the same name): its FUSED backends.
+_OP_3X3 = importlib.import_module("rla_ext.ops.concat_conv3x3_bn_act")
+
+# Every benchmarked op, in table order; each has its own stage shapes (benchmarks.shapes.OP_STAGES).
+OPS = tuple(OP_STAGES)
 PASSES = bytes_model.PASSES
 EAGER, COMPILE = "eager", "compile"
 # `auto`: rla_ext's own choice per op, size and pass (rla_ext/_auto_table.py), what a user gets by
@@ -75,6 +80,24 @@ class ConcatConvBnAct(nn.Module):
         bn = self.bn
         return rla_ext.ops.concat_conv_bn_act(x, h, self.weight, bn.bn_weight, bn.bn_bias, bn.running_mean,
                                               bn.running_var, training=self.training, backend=self.backend)
+
+
+class ConcatConv3x3BnAct(nn.Module):
+    """The basic block's entry as a module: relu(bn(conv3x3(cat(x, h), stride, padding 1))) with a
+    fixed backend (``triton`` runs the reference: the op has no Triton kernels)."""
+
+    def __init__(self, channels: int, k: int, out_channels: int, stride: int, backend: str) -> None:
+        super().__init__()
+        self.weight = _conv_weight(out_channels, channels + k, 3)
+        self.bn = _BatchNormState(out_channels)
+        self.stride = stride
+        self.backend = backend
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        bn = self.bn
+        return rla_ext.ops.concat_conv3x3_bn_act(x, h, self.weight, bn.bn_weight, bn.bn_bias, bn.running_mean,
+                                                 bn.running_var, stride=self.stride, training=self.training,
+                                                 backend=self.backend)
 
 
 class RlaUpdate(nn.Module):
@@ -201,22 +224,43 @@ def prepare(module: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.M
     return module.train()
 
 
+def _out_size(size: int, stride: int) -> int:
+    return -(-size // stride)  # a 3x3 conv with padding 1: ceil(size / stride)
+
+
 def make_op_case(op: str, stage: Stage, provider: str, *, batch: int, dtype: torch.dtype,
-                 device: torch.device | str, channels_last: bool = True, k: int = RLA_CHANNELS,
+                 device: torch.device | str, channels_last: bool = True, k: int | None = None,
                  compile_mode: str | None = None, seed: int = 0) -> Case:
-    """One fused op at one stage shape, training mode, for one provider."""
+    """One fused op at one stage shape, training mode, for one provider (k: default the stage's)."""
     device = torch.device(device)
     backend = check_provider(provider, device)
     torch.manual_seed(seed)
-    n, c, s = batch, stage.channels, stage.size
-    if op == "concat_conv_bn_act":
-        module = prepare(ConcatConvBnAct(c, k, stage.width, backend), dtype, device)
+    k = stage.k if k is None else k
+    n, c, s, width = batch, stage.channels, stage.size, stage.width
+    meta: dict[str, object] = {"batch": n, "channels": c, "size": s, "width": width, "k": k}
+    traffic: Callable[[str], bytes_model.Traffic]
+    if op in ("concat_conv_bn_act", "concat_conv3x3_bn_act"):
+        # The entry ops: x (n, c, s, s) and h (n, k, s, s) -> (n, width, s / stride, s / stride).
+        if op == "concat_conv_bn_act":
+            module: nn.Module = ConcatConvBnAct(c, k, width, backend)
+            so = s
+
+            def traffic(pass_: str) -> bytes_model.Traffic:
+                return bytes_model.concat_conv_bn_act_traffic(n, c, k, width, s * s, dtype, pass_)
+        else:
+            module = ConcatConv3x3BnAct(c, k, width, stage.stride, backend)
+            so = _out_size(s, stage.stride)
+            meta["stride"] = stage.stride
+            if backend not in _OP_3X3.FUSED + ("torch", "auto"):
+                # Recorded in the rows: such a row times the reference, not a kernel of that backend.
+                meta["fallback"] = f"{backend} has no kernels of this op: runs the reference"
+
+            def traffic(pass_: str) -> bytes_model.Traffic:
+                return bytes_model.concat_conv3x3_bn_act_traffic(n, c, k, width, s, s, dtype, pass_, stage.stride)
+        module = prepare(module, dtype, device)
         inputs = (activation((n, c, s, s), dtype, device, channels_last),
                   activation((n, k, s, s), dtype, device, channels_last))
-        grad_out = activation((n, stage.width, s, s), dtype, device, channels_last, requires_grad=False)
-
-        def traffic(pass_: str) -> bytes_model.Traffic:
-            return bytes_model.concat_conv_bn_act_traffic(n, c, k, stage.width, s * s, dtype, pass_)
+        grad_out = activation((n, width, so, so), dtype, device, channels_last, requires_grad=False)
     elif op == "rla_update":
         module = prepare(RlaUpdate(c, k, backend), dtype, device)
         inputs = (activation((n, k, s, s), dtype, device, channels_last),
@@ -229,5 +273,4 @@ def make_op_case(op: str, stage: Stage, provider: str, *, batch: int, dtype: tor
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
     fn = compile_module(module, device, compile_mode) if is_compiled(provider) else module
     return Case(name=op, provider=provider, label=stage.label, fn=fn, inputs=inputs,
-                params=tuple(module.parameters()), grad_outputs=(grad_out,), traffic=traffic,
-                meta={"batch": n, "channels": c, "size": s, "width": stage.width, "k": k})
+                params=tuple(module.parameters()), grad_outputs=(grad_out,), traffic=traffic, meta=meta)

@@ -1,6 +1,6 @@
 """``python -m benchmarks``: every available backend against eager and torch.compile, on this device.
 
-Rows: both fused ops x stage shapes x {fwd, fwd+bwd} x providers (eager, compile, fused backends,
+Rows: every fused op x its stage shapes (benchmarks.shapes.OP_STAGES) x {fwd, fwd+bwd} x providers (eager, compile, fused backends,
 and each fused backend under torch.compile: compile+cpp, ...), then, unless --quick, one RLA-ResNet-50 training step per provider beside a plain ResNet-50.
 Eager and fused ops run first, then their training steps, then the compiled ops and steps (the
 slow compilations), so a --max-minutes budget that runs out still leaves the core comparison. Nothing that fails inside a row stops the run: the
@@ -27,13 +27,12 @@ import torch
 import rla_ext
 from rla_ext import info
 from benchmarks import cases, model_step, report, timing
-from benchmarks.shapes import STAGES, Stage, stage_by_label
+from benchmarks.shapes import OP_STAGES, Stage, select_stages, stages_for
 
 Row = dict[str, Any]
 PACKAGE_DIR = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-QUICK_STAGES = (STAGES[1], STAGES[3])
 E2E_NAMES = {**model_step.FACTORIES, "plain": "resnet50"}
 
 
@@ -43,9 +42,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if visible, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--batch", type=int, help="op batch size; default 128 on cuda, 8 on cpu (--quick: 4 / 2)")
-    p.add_argument("--shapes", help="comma-separated stages, e.g. C256xH56,2048 (default: all four; "
-                   "--quick: C512xH28,C2048xH7)")
-    p.add_argument("--ops", default=",".join(cases.OPS), help="comma-separated ops (default: both)")
+    p.add_argument("--shapes", help="comma-separated stages, e.g. C256xH56,2048,C16xH32s2: each op runs those "
+                   "of its own stage table (default: every stage of each op's table; --quick: two per op). "
+                   + "; ".join(f"{op}: {','.join(s.label for s in stages)}" for op, stages in OP_STAGES.items()))
+    p.add_argument("--ops", default=",".join(cases.OPS), help="comma-separated ops (default: all: %(default)s)")
     p.add_argument("--passes", default=",".join(cases.PASSES), help="comma-separated: fwd, fwd+bwd")
     p.add_argument("--providers", help="comma-separated subset of eager, compile, auto, cpp, cuda, triton, "
                    "compile+cpp, compile+cuda, compile+triton (default: eager, compile and every fused "
@@ -56,7 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed calls before timing on cpu (default 3, --quick 1)")
     p.add_argument("--repeats", type=int, help="timed calls per row on cpu (default 20, --quick 5)")
     p.add_argument("--row-budget-s", type=float, default=10.0, help="stop repeating a cpu row after this long")
-    p.add_argument("--quick", action="store_true", help="small batch, two shapes, few repeats, no e2e: "
+    p.add_argument("--quick", action="store_true", help="small batch, two shapes per op, few repeats, no e2e: "
                    "a couple of minutes on a laptop-class CPU")
     e2e = p.add_mutually_exclusive_group()
     e2e.add_argument("--e2e", action="store_true", help="run the end-to-end training step even with --quick")
@@ -92,11 +92,8 @@ class Settings:
         self.quick = q
         self.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if gpu else torch.float32)
         self.batch = args.batch or ((4 if q else 128) if gpu else (2 if q else 8))
-        if args.shapes:
-            self.stages: tuple[Stage, ...] = tuple(stage_by_label(s.strip()) for s in args.shapes.split(","))
-        else:
-            self.stages = QUICK_STAGES if q else STAGES
         self.ops = _choose(args.ops, cases.OPS, "--ops")
+        self.stages = _op_stages(self.ops, args.shapes, q)
         self.passes = _choose(args.passes, cases.PASSES, "--passes")
         available = cases.providers(self.device, include_interpreted=args.include_interpreted)
         if args.providers:
@@ -130,7 +127,8 @@ class Settings:
 
     def describe(self) -> dict[str, Any]:
         return {"device_type": self.device.type, "dtype": str(self.dtype).replace("torch.", ""),
-                "batch": self.batch, "shapes": [s.label for s in self.stages], "ops": list(self.ops),
+                "batch": self.batch, "shapes": {op: [s.label for s in st] for op, st in self.stages.items()},
+                "ops": list(self.ops),
                 "passes": list(self.passes), "providers": list(self.providers), "compile_mode": self.compile_mode,
                 "channels_last": self.channels_last, "warmup": self.warmup, "repeats": self.repeats,
                 "quick": self.quick, "e2e": self.run_e2e, "e2e_batch": self.e2e_batch,
@@ -143,6 +141,20 @@ def _choose(text: str, allowed: Sequence[str], flag: str) -> tuple[str, ...]:
     bad = [s for s in chosen if s not in allowed]
     if bad or not chosen:
         raise SystemExit(f"{flag}: expected a comma-separated subset of {tuple(allowed)}, got {text!r}")
+    return chosen
+
+
+def _op_stages(ops: Sequence[str], shapes: str | None, quick: bool) -> dict[str, tuple[Stage, ...]]:
+    """Each op's stages: those of its table named in `shapes` (an op whose table has none of them runs
+    no rows), else its whole table (--quick: its quick subset). A name no chosen op knows is an error."""
+    if not shapes:
+        return {op: stages_for(op, quick) for op in ops}
+    names = [s.strip() for s in shapes.split(",") if s.strip()]
+    chosen = {op: select_stages(names, stages_for(op)) for op in ops}
+    unknown = [n for n in names if not any(n in (s.label, str(s.channels)) for st in chosen.values() for s in st)]
+    if unknown or not any(chosen.values()):
+        known = {op: [s.label for s in stages_for(op)] for op in ops}
+        raise SystemExit(f"--shapes: {unknown or names} match no stage of the chosen ops; their stages: {known}")
     return chosen
 
 
@@ -331,7 +343,7 @@ def plan(cfg: Settings, bandwidth: dict[str, float]) -> list[Task]:
         # each compiled provider is its own task (compilation is slow and comes last).
         groups = [providers] if providers is plain else [[p] for p in providers]
         if cfg.run_ops and providers:
-            tasks += [op_task(op, stage, g) for op in cfg.ops for stage in cfg.stages for g in groups]
+            tasks += [op_task(op, stage, g) for op in cfg.ops for stage in cfg.stages[op] for g in groups]
         if cfg.run_e2e:
             # The plain ResNet-50 has no RLA ops: it runs as eager (and compiled), the cost baseline.
             entries = [(m, p) for m in cfg.e2e_models for p in providers
@@ -343,10 +355,10 @@ def plan(cfg: Settings, bandwidth: dict[str, float]) -> list[Task]:
 
 def _sort_key() -> Callable[[Row], tuple]:
     order = {p: i for i, p in enumerate(cases.PROVIDERS)}
-    shapes = {s.label: i for i, s in enumerate(STAGES)}
+    shapes = {(op, s.label): i for op, stages in OP_STAGES.items() for i, s in enumerate(stages)}
     ops = {o: i for i, o in enumerate(cases.OPS)}
     return lambda r: (r["kind"] != "op", ops.get(r["op"], len(ops)), r["op"], r["pass"],
-                      shapes.get(r["shape"], len(shapes)), order.get(r["provider"], len(order)))
+                      shapes.get((r["op"], r["shape"]), len(shapes)), order.get(r["provider"], len(order)))
 
 
 def device_name(device: torch.device) -> str:

@@ -4,7 +4,9 @@ Configured by environment variables, so the same command works on the CPU machin
   RLA_BENCH_DEVICE   cuda | cpu (default: cuda if visible)
   RLA_BENCH_DTYPES   comma list (default: bfloat16 on cuda, float32 on cpu)
   RLA_BENCH_BATCH    op/block batch (default: 128 on cuda, 2 on cpu)
-  RLA_BENCH_SHAPES   comma list of stages (default: all four RLA-ResNet-50 stages)
+  RLA_BENCH_SHAPES   comma list of stages (default: every stage of each op's table in
+                     benchmarks/shapes.py: RLA-ResNet-50's four for the bottleneck ops and the block,
+                     the CIFAR basic-block entries for concat_conv3x3_bn_act); an op runs those of its own
   RLA_BENCH_ROUNDS   timed rounds per case (default: 20 on cuda, 3 on cpu)
   RLA_BENCH_MODEL_COMPILE=1  also compile the whole model on cpu (several minutes)
 Every provider is parametrised; those that cannot run here are skipped with the reason.
@@ -20,7 +22,7 @@ import torch
 
 from benchmarks import cases
 from benchmarks.cli import DTYPES
-from benchmarks.shapes import STAGES, stage_by_label
+from benchmarks.shapes import STAGES, Stage, select_stages, stages_for
 
 ALL_PROVIDERS = cases.PROVIDERS
 
@@ -47,9 +49,11 @@ def bench_rounds() -> int:
     return int(os.environ.get("RLA_BENCH_ROUNDS") or (20 if _gpu() else 3))
 
 
-def bench_stages():
+def bench_stages(op: str | None = None) -> list[Stage]:
+    """`op`'s stages (no op: RLA-ResNet-50's, the bottleneck block's), filtered by RLA_BENCH_SHAPES."""
+    table = stages_for(op) if op is not None else STAGES
     text = os.environ.get("RLA_BENCH_SHAPES")
-    return [stage_by_label(s.strip()) for s in text.split(",")] if text else list(STAGES)
+    return list(select_stages([s.strip() for s in text.split(",")], table) if text else table)
 
 
 def _id(value: object) -> str:
@@ -62,15 +66,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """One parametrisation over the axes a test asks for, with ``pass_`` varying fastest.
 
     Neighbouring tests then share everything but the pass, so ``case_cache`` builds (and compiles)
-    each case once for both passes.
+    each case once for both passes. A test asking for both ``op`` and ``stage`` gets each op at its
+    own stages (one joint axis of (op, stage) pairs).
     """
-    axes = {"op": list(cases.OPS), "stage": bench_stages(), "provider": list(ALL_PROVIDERS),
-            "dtype": bench_dtypes(), "pass_": list(cases.PASSES)}
+    axes: dict[str, list[tuple]] = {"op": [(op,) for op in cases.OPS], "stage": [(s,) for s in bench_stages()],
+                                    "provider": [(p,) for p in ALL_PROVIDERS], "dtype": [(d,) for d in bench_dtypes()],
+                                    "pass_": [(p,) for p in cases.PASSES]}
     names = [n for n in axes if n in metafunc.fixturenames]
     if not names:
         return
-    combos = list(itertools.product(*(axes[n] for n in names)))
-    metafunc.parametrize(",".join(names), combos, ids=["-".join(_id(v) for v in c) for c in combos])
+    argnames = list(names)
+    if "op" in names and "stage" in names:
+        axes["op"] = [(op, s) for op in cases.OPS for s in bench_stages(op)]
+        names.remove("stage")  # "op" now stands for the (op, stage) axis; "op" precedes "stage" in argnames
+    combos = [sum(parts, ()) for parts in itertools.product(*(axes[n] for n in names))]
+    metafunc.parametrize(",".join(argnames), combos, ids=["-".join(_id(v) for v in c) for c in combos])
 
 
 @pytest.fixture(scope="session")

@@ -43,8 +43,9 @@ def _mb(nbytes: float | None) -> str:
 
 
 def _note(r: Row) -> str:
+    """Why a row has no time, or, for a row timed on the reference in a backend's stead, that it was."""
     if r["status"] == "ok":
-        return ""
+        return str(r.get("fallback") or "")
     text = " ".join(str(r.get("error") or "").split())
     return f"{r['status']}: {text[:120]}" + ("..." if len(text) > 120 else "")
 

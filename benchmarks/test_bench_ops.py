@@ -1,4 +1,5 @@
-"""The two fused ops, per stage shape, provider, dtype and pass (training mode)."""
+"""The fused ops, each at its own stage shapes (benchmarks.shapes.OP_STAGES), per provider, dtype and pass
+(training mode)."""
 from __future__ import annotations
 
 from benchmarks import cases

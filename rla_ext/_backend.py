@@ -23,7 +23,8 @@ CHOICES = BACKENDS + ("auto",)
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 # Ops whose fused kernels `auto` takes only where rla_ext/_auto_table.py says they won: the basic
 # block's 3x3 entry measured 0.79-0.94x eager at batch 8 on CIFAR shapes (1.21x at batch 128) on 2
-# CPU cores, and no benchmark row times it yet, so without an entry it runs the reference.
+# CPU cores; the benchmarks time it (benchmarks/shapes.py: CIFAR_BASIC_STAGES) but the committed table has
+# no entry from such a run yet, so without an entry it runs the reference.
 _REFERENCE_UNLESS_MEASURED = frozenset({"concat_conv3x3_bn_act"})
 
 

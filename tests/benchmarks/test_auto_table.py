@@ -99,3 +99,39 @@ def test_reference_needs_a_margin_to_lead():
     key = ("cpu", op, 28, "fwd+bwd")
     assert auto_table.preference_from_results(dict(RESULTS, device_type="cpu", rows=near))[key] == ("cpp", "torch")
     assert auto_table.preference_from_results(dict(RESULTS, device_type="cpu", rows=far))[key] == ("torch", "cpp")
+
+
+def test_basic_block_entry_gets_entries_and_auto_steps_aside(monkeypatch):
+    """concat_conv3x3_bn_act's rows (CIFAR basic-block shapes) make entries of its own, keyed by the
+    input's size class; once the table has them, `auto` stops forcing the reference for that op."""
+    from rla_ext import _auto_table, _backend
+
+    op = "concat_conv3x3_bn_act"
+    rows = [_row(op, "C16xH32", "eager", 1.0), _row(op, "C16xH32", "cpp", 0.5),
+            _row(op, "C64xH8", "eager", 0.2), _row(op, "C64xH8", "cpp", 0.4),
+            _row(op, "C64xH8", "cpp", 0.1, pass_="fwd"), _row(op, "C64xH8", "eager", 0.3, pass_="fwd"),
+            _row(op, "C2048xH7", "cpp", 0.01)]  # not one of this op's shapes: left out
+    results = dict(RESULTS, device_type="cpu", rows=rows)
+    pref = auto_table.preference_from_results(results)
+    assert pref == {("cpu", op, 28, "fwd+bwd"): ("cpp", "torch"), ("cpu", op, 7, "fwd+bwd"): ("torch", "cpp"),
+                    ("cpu", op, 7, "fwd"): ("cpp", "torch")}
+
+    table = _load(auto_table.updated_table(results, auto_table.TABLE_PATH.read_text()))
+    assert {k: v for k, v in table["PREFERENCE"].items() if k[1] == op} == pref
+    assert _backend.auto_candidates("cpu", op, (32, 32), "fwd+bwd")[0] == "torch"  # the committed table: none
+    monkeypatch.setattr(_auto_table, "PREFERENCE", table["PREFERENCE"])
+    assert _backend.auto_candidates("cpu", op, (32, 32), "fwd+bwd") == ["cpp", "torch"]
+    assert _backend.auto_candidates("cpu", op, (8, 8), "fwd+bwd") == ["torch", "cpp"]
+    assert _backend.auto_candidates("cpu", op, (16, 16), "fwd+bwd") == ["torch", "cpp"]  # no entry: reference
+
+
+def test_shapes_sharing_a_size_class_are_summed():
+    """A stride-2 entry is keyed by its input size, like the stride-1 entry there: one order per key,
+    from the sum of each backend's medians over the shapes all of them measured."""
+    op = "concat_conv3x3_bn_act"
+    rows = [_row(op, "C16xH32", "eager", 1.0), _row(op, "C16xH32", "cpp", 0.8),
+            _row(op, "C16xH32s2", "eager", 1.0), _row(op, "C16xH32s2", "cpp", 1.5),
+            _row(op, "C32xH16s2", "cpp", 0.3), _row(op, "C32xH16", "eager", 0.5), _row(op, "C32xH16", "cpp", 0.4)]
+    pref = auto_table.preference_from_results(dict(RESULTS, device_type="cpu", rows=rows))
+    # 28: eager 2.0 (x 1.03) vs cpp 2.3. 14: only C32xH16 was measured by both.
+    assert pref == {("cpu", op, 28, "fwd+bwd"): ("torch", "cpp"), ("cpu", op, 14, "fwd+bwd"): ("cpp", "torch")}

@@ -45,6 +45,30 @@ def test_rla_update_traffic_by_hand():
     assert pooled.read == 3200 + 1600 + 704
 
 
+def test_concat_conv3x3_bn_act_traffic_by_hand():
+    # n=2, C=8, k=4, C_out=6, 6x6, fp32: x 2304, h 1152, weight 6*12*9*4 = 2592, out (and z) 1728.
+    args = dict(n=2, c=8, k=4, c_out=6, height=6, width=6, dtype=torch.float32)
+    fwd = bytes_model.concat_conv3x3_bn_act_traffic(**args, pass_="fwd")
+    assert fwd == Traffic(read=2304 + 1152 + 2592, written=1728 + 1728)
+    # backward reads grad_out, z, x, h, weight and writes dx, dh, dweight.
+    both = bytes_model.concat_conv3x3_bn_act_traffic(**args, pass_="fwd+bwd")
+    assert both == fwd + Traffic(read=2 * 1728 + 2304 + 1152 + 2592, written=2304 + 1152 + 2592)
+    # Stride 2: a quarter of the output pixels (3x3), the inputs and weight unchanged; odd sides round up.
+    strided = bytes_model.concat_conv3x3_bn_act_traffic(**args, pass_="fwd", stride=2)
+    assert strided == Traffic(read=fwd.read, written=2 * 432)
+    odd = bytes_model.concat_conv3x3_bn_act_traffic(**{**args, "height": 7, "width": 7}, pass_="fwd", stride=2)
+    assert odd.written == 2 * (2 * 6 * 16 * 4)  # 4x4 outputs
+    # Activations scale with the batch, the weight does not.
+    double = bytes_model.concat_conv3x3_bn_act_traffic(**{**args, "n": 4}, pass_="fwd+bwd")
+    weights = 3 * 2592  # read by fwd and bwd, written once as dweight
+    assert double.total - weights == 2 * (both.total - weights)
+    # Against op A on the same tensors: only the weight (9x) differs at stride 1.
+    a = bytes_model.concat_conv_bn_act_traffic(2, 8, 4, 6, 36, torch.float32, "fwd+bwd")
+    assert both.total - a.total == weights - 3 * 6 * 12 * 4
+    with pytest.raises(ValueError, match="pass_"):
+        bytes_model.concat_conv3x3_bn_act_traffic(**args, pass_="bwd")
+
+
 def test_traffic_rejects_unknown_pass():
     with pytest.raises(ValueError, match="pass_"):
         bytes_model.rla_update_traffic(1, 8, 4, 25, torch.float32, pass_="bwd")
@@ -121,6 +145,27 @@ def test_cli_tiny_e2e_of_a_recurrent_cell_model(tmp_path):
     rows = {(r["op"], r["provider"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert set(rows) == {("rlagru_resnet50", "eager"), ("rlagru_resnet50", "cpp")}
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in rows.values()), rows
+
+
+@pytest.mark.skipif("cpp" not in rla_ext.available_backends("cpu"), reason="the cpp backend was not built")
+def test_cli_tiny_run_of_the_basic_block_entry(tmp_path):
+    """--ops concat_conv3x3_bn_act runs the op at its own (CIFAR) stages, stride 2 included."""
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--ops", "concat_conv3x3_bn_act",
+           "--batch", "1", "--warmup", "0", "--repeats", "1", "--providers", "eager,cpp", "--max-minutes", "10",
+           "--no-progress", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["shapes"] == {"concat_conv3x3_bn_act": ["C32xH16", "C32xH16s2"]}
+    rows = data["rows"]
+    assert {(r["shape"], r["pass"], r["provider"]) for r in rows} == {
+        (s, p, v) for s in ("C32xH16", "C32xH16s2") for p in ("fwd", "fwd+bwd") for v in ("eager", "cpp")}
+    for r in rows:
+        assert r["op"] == "concat_conv3x3_bn_act" and r["status"] == "ok", r
+        assert r["bytes_moved"] > 0 and r["k"] == 16 and r["stride"] == (2 if r["shape"].endswith("s2") else 1)
+    assert "| concat_conv3x3_bn_act | fwd+bwd | C32xH16s2 | cpp |" in (out / "results.md").read_text()
 
 
 def test_compiled_fused_providers():

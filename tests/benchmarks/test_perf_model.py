@@ -227,6 +227,24 @@ def test_cli_prints_tables(tmp_path, capsys):
     assert "| rla_update | fwd+bwd | C512xH28 | eager | 4 |" in out  # the measured table
 
 
+def test_unmodelled_op_is_skipped_with_its_reason(tmp_path, capsys):
+    """The basic block's 3x3 entry has benchmark rows but no kernel lists: modelling it raises a clear
+    error, and a results file's rows of it are left out of the measured table, the report saying so."""
+    op = "concat_conv3x3_bn_act"
+    with pytest.raises(ValueError, match="3x3 entry is not modelled"):
+        pm.model_op(op, "fwd", pm.OpShape.from_stage(STAGES[3], 2), "eager", pm.H200)
+    results = dict(RESULTS, rows=RESULTS["rows"] + [_row(op, "fwd", "C16xH32", "eager", 0.5),
+                                                    _row(op, "fwd+bwd", "C16xH32s2", "cuda", 0.7)])
+    assert pm.join_measured(results, pm.H200) == pm.join_measured(RESULTS, pm.H200)
+    assert pm.unmodelled_ops(results) == {op: 2}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    assert pm.main(["--measured", str(path), "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"Skipped 2 measured {op} rows: the basic block's 3x3 entry is not modelled" in out
+    assert f"| {op} |" not in out
+
+
 def test_cli_cpu_parameters(capsys):
     pm.main(["--device", "cpu", "--cpu-bandwidth-gbps", "10", "--cpu-gflops", "100", "--batch", "2"])
     out = capsys.readouterr().out
