@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rla_ext.nn import EarlyExitHead, RLABasicBlock, RLABottleneck, make_downsample, rla_step
+from rla_ext import _backend
+from rla_ext.nn import (EarlyExitHead, RLABasicBlock, RLABottleneck, boundary_pays, make_downsample, rla_boundary,
+                        rla_step)
 from rla_ext.ops._validation import check_pool_mode
 
 _WIDTHS = {"imagenet": (64, 128, 256, 512), "cifar": (16, 32, 64)}
@@ -61,6 +63,12 @@ class RLAResNet(nn.Module):
             average what they cover) to the strided convs' size, ceil(H / 2): any input size runs.
             Same numbers as "floor" wherever "floor" runs; no parameter changes (checkpoints load).
         backend: rla_ext backend for every fused op in the network (None: selection in force).
+        fuse_boundary: between two bottlenecks of a stage, run block t's RLA update and block t+1's
+            entry as one op (``rla_ext.nn.rla_boundary``: y read once, one GEMM over y for both 1x1
+            convs). None (default): when the backend in force is "cpp" (the op's only fused kernels;
+            its CUDA / Triton kernels are not written) and at shapes where that was measured faster
+            (``rla_ext.nn.boundary_pays``: the large early stages); True: at every such boundary;
+            False: never. Same numbers either way, up to rounding.
     """
 
     def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), num_classes: int = 1000, rla_channel: int = 32, *,
@@ -68,7 +76,7 @@ class RLAResNet(nn.Module):
                  reduction: int = 16, groups: int = 1, width_per_group: int = 64,
                  zero_init_last_bn: bool = False, stem: str = "imagenet", widths: Sequence[int] | None = None,
                  in_channels: int = 3, shared_blocks: bool = False, pool_mode: str = "floor",
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, fuse_boundary: bool | None = None) -> None:
         super().__init__()
         if stem not in _WIDTHS:
             raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {stem!r}")
@@ -79,6 +87,7 @@ class RLAResNet(nn.Module):
         self.layers = tuple(int(n) for n in layers)
         self.shared_blocks = shared_blocks
         self.backend = backend
+        self.fuse_boundary = fuse_boundary
 
         inplanes = 64 if stem == "imagenet" else widths[0]
         if stem == "imagenet":
@@ -161,18 +170,34 @@ class RLAResNet(nn.Module):
             h = h.contiguous(memory_format=torch.channels_last)
         return h
 
+    def fuses_boundary(self) -> bool:
+        """Whether run_blocks fuses block boundaries inside a stage (see ``fuse_boundary``; with None, only
+        where ``boundary_pays``)."""
+        if self.fuse_boundary is not None:
+            return self.fuse_boundary
+        return (self.backend if self.backend is not None else _backend.get_backend()) == "cpp"
+
     def run_blocks(self, x: Tensor, h: Tensor, states: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Every block and RLA update from stem output x and h_0 -> (x_T, h_T).
 
         When ``states`` is a list, h_t after every block is appended to it (per-depth reading).
         """
+        fuse = self.fuses_boundary()
+        entry = None  # the next block's entry output, when the boundary op computed it
         for s in range(len(self.stages)):
             conv_out, rec = self.conv_outs[s], self.recurrent_convs[s]
             for t in range(self.layers[s]):
                 block, norms = self._block_at(s, t)
-                x = block(x, h, norms)
-                h = rla_step(h, x, conv_out, rec, self.stage_bns[s][t], pool=block.pool_h,
-                             pool_mode=self.pool_mode, backend=self.backend)
+                x = block(x, h, norms) if entry is None else block(x, h, norms, entry=entry)
+                entry = None
+                following = self._block_at(s, t + 1) if fuse and t + 1 < self.layers[s] else None
+                if (following is not None and isinstance(following[0], RLABottleneck)
+                        and (self.fuse_boundary or boundary_pays(x))):
+                    h, entry = rla_boundary(h, x, conv_out, rec, self.stage_bns[s][t], *following, pool=block.pool_h,
+                                            pool_mode=self.pool_mode, backend=self.backend)
+                else:
+                    h = rla_step(h, x, conv_out, rec, self.stage_bns[s][t], pool=block.pool_h,
+                                 pool_mode=self.pool_mode, backend=self.backend)
                 if states is not None:
                     states.append(h)
         return x, h

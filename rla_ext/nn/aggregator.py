@@ -8,11 +8,13 @@ building RLA into other backbones.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from rla_ext.nn._bn_args import bn_args
 from rla_ext.nn.sync_batchnorm import process_group_of
-from rla_ext.ops import rla_update
+from rla_ext.ops import concat_conv_bn_act, rla_update, rla_update_and_entry
 from rla_ext.ops._validation import check_pool_mode
 
 
@@ -45,6 +47,47 @@ def rla_step(h: Tensor, y: Tensor, conv_out: nn.Conv2d, recurrent_conv: nn.Conv2
     return rla_update(h, y, _as(conv_out.weight, y), a.weight, a.bias, a.running_mean, a.running_var,
                       _as(recurrent_conv.weight, y), pool=pool, pool_mode=pool_mode, training=a.training,
                       momentum=a.momentum, eps=a.eps, backend=backend, process_group=process_group_of(bn))
+
+
+def boundary_pays(y: Tensor) -> bool:
+    """Whether the fused boundary (:func:`rla_boundary`) beats the two ops on the `cpp` backend for block
+    output y (N, C, H, W): when there are at least 8 pixel rows per channel, N*H*W >= 8*C.
+
+    Measured on 2 CPU cores (fp32, channels_last, forward+backward, RLA-ResNet-50 stage shapes, k=32):
+    the boundary op over the two cpp ops was 1.44x at C256xH56 and 1.05x at C512xH28 (N=8), 1.24x and
+    0.99x at N=4, but 0.91-0.98x at 14x14 and 7x7, where the GEMMs have few rows per channel.
+    """
+    return y.shape[0] * y.shape[2] * y.shape[3] >= 8 * y.shape[1]
+
+
+def rla_boundary(h: Tensor, y: Tensor, conv_out: nn.Conv2d, recurrent_conv: nn.Conv2d, bn: nn.Module,
+                 next_block: nn.Module, next_norms: Sequence[nn.Module] | None = None, *, pool: bool = False,
+                 pool_mode: str = "floor", backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """The block boundary in one op (``rla_ext.ops.rla_update_and_entry``, y read once): block t's RLA
+    update, as :func:`rla_step`, and the next bottleneck's entry relu(bn1(conv1x1(cat(y, h_next)))).
+
+    h, y, pool, pool_mode: as :func:`rla_step`; next_block: the RLABottleneck that runs next on y, with
+    ``next_norms`` replacing its BatchNorms as in its forward. Returns (h_next (N, k, H, W), entry
+    (N, width, H, W)); pass ``entry=`` to ``next_block``'s forward. When the two BatchNorms differ in
+    mode (one training, one eval) or synchronise over different process groups, the two run as separate
+    ops (same results).
+    """
+    a = bn_args(bn)
+    group = process_group_of(bn)
+    w, e, entry_group = next_block.entry_arguments(y, next_norms)
+    w_out, w_rec = _as(conv_out.weight, y), _as(recurrent_conv.weight, y)
+    if e.training != a.training or entry_group is not group:
+        h_next = rla_update(h, y, w_out, a.weight, a.bias, a.running_mean, a.running_var, w_rec, pool=pool,
+                            pool_mode=pool_mode, training=a.training, momentum=a.momentum, eps=a.eps,
+                            backend=backend, process_group=group)
+        entry = concat_conv_bn_act(y, h_next, w, e.weight, e.bias, e.running_mean, e.running_var,
+                                   training=e.training, momentum=e.momentum, eps=e.eps, activation="relu",
+                                   backend=backend, process_group=entry_group)
+        return h_next, entry
+    return rla_update_and_entry(h, y, w_out, a.weight, a.bias, a.running_mean, a.running_var, w_rec, w, e.weight,
+                                e.bias, e.running_mean, e.running_var, pool=pool, pool_mode=pool_mode,
+                                training=a.training, momentum=a.momentum, eps=a.eps, entry_momentum=e.momentum,
+                                entry_eps=e.eps, activation="relu", backend=backend, process_group=group)
 
 
 class RLAAggregator(nn.Module):

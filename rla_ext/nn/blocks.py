@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rla_ext.nn._bn_args import bn_args
+from rla_ext.nn._bn_args import BNArgs, bn_args
 from rla_ext.nn.attention import EfficientChannelAttention, SqueezeExcite
 from rla_ext.nn.sync_batchnorm import process_group_of
 from rla_ext.ops import concat_conv3x3_bn_act, concat_conv_bn_act
@@ -99,17 +99,29 @@ class RLABottleneck(_RLABlock):
     def norms(self) -> tuple[nn.Module, ...]:
         return (self.bn1, self.bn2, self.bn3)
 
-    def forward(self, x: Tensor, h: Tensor, norms: Sequence[nn.Module] | None = None) -> Tensor:
+    def entry_arguments(self, like: Tensor, norms: Sequence[nn.Module] | None = None) -> tuple[Tensor, BNArgs, object]:
+        """What the fused entry relu(bn1(conv1x1(cat(x, h)))) takes from this block for one forward call:
+        (conv1's weight in `like`'s dtype, bn1's resolved arguments, bn1's process group). Resolving bn1
+        has its side effect (num_batches_tracked): call once per forward."""
+        bn1 = self.bn1 if norms is None else norms[0]
+        return _weight_as(self.conv1.weight, like), bn_args(bn1), process_group_of(bn1)
+
+    def forward(self, x: Tensor, h: Tensor, norms: Sequence[nn.Module] | None = None,
+                entry: Tensor | None = None) -> Tensor:
         """x (N, C_in, H, W), h (N, k, H, W) -> (N, 4*planes, H/stride, W/stride).
 
         ``norms`` replaces (bn1, bn2, bn3) for this call (the shared-block recurrence keeps one set
-        of BatchNorms per step while reusing the convolutions).
+        of BatchNorms per step while reusing the convolutions). ``entry``: the entry's output
+        relu(bn1(conv1x1(cat(x, h)))), (N, width, H, W), when the caller computed it already (the fused
+        block boundary, ``rla_ext.nn.rla_boundary``); h is then not read.
         """
-        bn1, bn2, bn3 = self.norms() if norms is None else norms
-        a = bn_args(bn1)
-        out = concat_conv_bn_act(x, h, _weight_as(self.conv1.weight, x), a.weight, a.bias, a.running_mean,
-                                 a.running_var, training=a.training, momentum=a.momentum, eps=a.eps,
-                                 activation="relu", backend=self.backend, process_group=process_group_of(bn1))
+        _, bn2, bn3 = self.norms() if norms is None else norms
+        out = entry
+        if out is None:
+            w, a, group = self.entry_arguments(x, norms)
+            out = concat_conv_bn_act(x, h, w, a.weight, a.bias, a.running_mean, a.running_var, training=a.training,
+                                     momentum=a.momentum, eps=a.eps, activation="relu", backend=self.backend,
+                                     process_group=group)
         out = F.relu(bn2(self.conv2(out)))
         out = bn3(self.conv3(out))
         return self._finish(out, x)
