@@ -63,8 +63,8 @@ class RLAResNet(nn.Module):
             average what they cover) to the strided convs' size, ceil(H / 2): any input size runs.
             Same numbers as "floor" wherever "floor" runs; no parameter changes (checkpoints load).
         backend: rla_ext backend for every fused op in the network (None: selection in force).
-        fuse_boundary: between two bottlenecks of a stage, run block t's RLA update and block t+1's
-            entry as one op (``rla_ext.nn.rla_boundary``: y read once, one GEMM over y for both 1x1
+        fuse_boundary: between two bottlenecks (within a stage and across stages: every boundary but
+            the last block's), run block t's RLA update and block t+1's entry as one op (``rla_ext.nn.rla_boundary``: y read once, one GEMM over y for both 1x1
             convs). None (default): when the backend in force is "cpp" (the op's only fused kernels;
             its CUDA / Triton kernels are not written) and at shapes where that was measured faster
             (``rla_ext.nn.boundary_pays``: the large early stages); True: at every such boundary;
@@ -170,9 +170,16 @@ class RLAResNet(nn.Module):
             h = h.contiguous(memory_format=torch.channels_last)
         return h
 
+    def _following_block(self, s: int, t: int) -> tuple[nn.Module, Sequence[nn.Module] | None] | None:
+        """The block that reads block (s, t)'s output next (the next stage's first across a stage
+        boundary), with its BatchNorms as _block_at gives them; None after the last block."""
+        if t + 1 < self.layers[s]:
+            return self._block_at(s, t + 1)
+        return self._block_at(s + 1, 0) if s + 1 < len(self.stages) else None
+
     def fuses_boundary(self) -> bool:
-        """Whether run_blocks fuses block boundaries inside a stage (see ``fuse_boundary``; with None, only
-        where ``boundary_pays``)."""
+        """Whether run_blocks fuses block boundaries (see ``fuse_boundary``; with None, only where
+        ``boundary_pays``)."""
         if self.fuse_boundary is not None:
             return self.fuse_boundary
         return (self.backend if self.backend is not None else _backend.get_backend()) == "cpp"
@@ -190,7 +197,7 @@ class RLAResNet(nn.Module):
                 block, norms = self._block_at(s, t)
                 x = block(x, h, norms) if entry is None else block(x, h, norms, entry=entry)
                 entry = None
-                following = self._block_at(s, t + 1) if fuse and t + 1 < self.layers[s] else None
+                following = self._following_block(s, t) if fuse else None
                 if (following is not None and isinstance(following[0], RLABottleneck)
                         and (self.fuse_boundary or boundary_pays(x))):
                     h, entry = rla_boundary(h, x, conv_out, rec, self.stage_bns[s][t], *following, pool=block.pool_h,

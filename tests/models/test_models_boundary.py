@@ -1,5 +1,6 @@
-"""RLA-ResNet's fused block boundary (RLAResNet(fuse_boundary=...), rla_ext.nn.rla_boundary): inside a
-stage, block t's RLA update and block t+1's entry run as one rla_update_and_entry call; the network
+"""RLA-ResNet's fused block boundary (RLAResNet(fuse_boundary=...), rla_ext.nn.rla_boundary): at every
+boundary but the last block's (within and across stages), block t's RLA update and block t+1's entry
+run as one rla_update_and_entry call; the network
 computes the same numbers as with the two ops separate (float64: to rounding), in training and eval,
 with shared blocks, per-depth states and BatchNorms in mixed modes."""
 from __future__ import annotations
@@ -38,8 +39,9 @@ def _step(model: RLAResNet, x: torch.Tensor) -> torch.Tensor:
 def test_fused_boundary_is_the_two_ops(shared_blocks, fmt):
     fused, plain = _pair(shared_blocks=shared_blocks)
     x = torch.randn(3, 3, 8, 10, dtype=torch.float64).contiguous(memory_format=fmt)
-    # Boundaries inside a stage: 1 in the 2-block stage, 2 in the 3-block one.
-    assert _boundary_calls(lambda: _step(fused, x)) == 3
+    # 5 blocks, 4 boundaries: 1 in the 2-block stage, 1 across the stages (the update after the last
+    # block of stage 0 and the entry of stage 1's first, downsampling block), 2 in the 3-block stage.
+    assert _boundary_calls(lambda: _step(fused, x)) == 4
     assert _boundary_calls(lambda: _step(plain, x)) == 0
     fused.zero_grad()
     plain.zero_grad()
@@ -67,13 +69,21 @@ def test_boundary_with_bn_modes_mixed_runs_the_two_ops():
     for m in (fused, plain):
         m.stages[1][1].bn1.eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    assert _boundary_calls(lambda: _step(fused, x)) == 2
+    assert _boundary_calls(lambda: _step(fused, x)) == 3
     _step(plain, x)
     fused.zero_grad()
     plain.zero_grad()
     torch.testing.assert_close(_step(fused, x), _step(plain, x), rtol=1e-10, atol=1e-12)
     for (name, b), c in zip(fused.named_buffers(), plain.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_rla_resnet50_fuses_all_15_boundaries_when_asked():
+    m = models.rla_resnet50(backend="cpp")
+    m.fuse_boundary = True
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert _boundary_calls(lambda: m(x)) == 15
 
 
 def test_fuse_boundary_default_follows_the_backend():
@@ -99,8 +109,8 @@ def test_default_fuses_only_where_boundary_pays():
     torch.manual_seed(0)
     m = RLAResNet((3, 3), 7, 8, stem="cifar", widths=(4, 16), backend="cpp").double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    # stage 0: y (2, 16, 8, 8), 128 rows >= 8 * 16: both boundaries fused; stage 1: y (2, 64, 4, 4),
-    # 32 rows < 8 * 64: none.
-    assert _boundary_calls(lambda: _step(m, x)) == 2
+    # stage 0: y (2, 16, 8, 8), 128 rows >= 8 * 16: its three boundaries fused (two inside, one into
+    # stage 1); stage 1: y (2, 64, 4, 4), 32 rows < 8 * 64: none.
+    assert _boundary_calls(lambda: _step(m, x)) == 3
     m.fuse_boundary = True
-    assert _boundary_calls(lambda: _step(m, x)) == 4
+    assert _boundary_calls(lambda: _step(m, x)) == 5
