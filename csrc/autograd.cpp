@@ -1,16 +1,18 @@
 // The fused ops' autograd in C++: the eager fast path of rla_ext/ops/ (see _kernels.plain_eager).
 //
 // Why it exists: at RLA-ResNet's small stages a fused call's Python autograd.Function, its custom-op
-// bodies and an autograd fallback on the kernel ops cost ~90 us of host time per forward+backward on
-// a CPU, more than the whole chain of eager ops it replaces. Here the same kernels run under a C++
-// torch::autograd::Function: the forward calls the kernel op below autograd, saves what the Python
-// Function saves, and the backward node calls the backward kernel without returning to Python.
+// bodies, the running-statistics update and an autograd fallback on the kernel ops cost ~100 us of
+// host time per forward+backward on a CPU, more than the whole chain of eager ops it replaces. Here
+// the same kernels run under a C++ torch::autograd::Function: the forward calls the kernel op below
+// autograd, saves what the Python Function saves, and the backward node calls the backward kernel
+// without returning to Python; the BatchNorm bookkeeping around the forward kernel (eval statistics,
+// running-statistics update) is done here too, as rla_ext/ops/_batchnorm.py does it (the Python path
+// keeps that one for every other caller; tests/ops/test_cpp_autograd.py holds the two bitwise equal).
 //
 // Device-generic: the kernel ops are called through the dispatcher, which picks the CPU or CUDA kernel.
-// What stays in Python (one source of truth): argument validation, the BatchNorm bookkeeping (eval
-// statistics, the running-statistics update from the returned batch statistics), formats and affine
-// defaults. These ops are only called in plain eager execution; tracing (torch.compile, fake tensors,
-// dispatch modes) takes the Python path with the custom ops and their fake kernels.
+// Argument validation, formats and affine defaults stay in Python. These ops are only called in plain
+// eager execution; tracing (torch.compile, fake tensors, dispatch modes) takes the Python path with the
+// custom ops and their fake kernels.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -60,6 +62,7 @@ Tensor grad_like(const Tensor& grad, const Tensor& like) {
 // The block entries act(bn(conv(cat(x, h)))): stride 0 is the bottleneck's 1x1 entry
 // (concat_conv_bn_act), else the basic block's 3x3 entry with that stride (concat_conv3x3_bn_act).
 // Returns (out, mean, var): the batch statistics (training) or the given ones (eval), non-differentiable.
+// mean / var given (eval) or not (training) as the kernels take them.
 struct EntryFunction : public torch::autograd::Function<EntryFunction> {
   static variable_list forward(AutogradContext* ctx, CT x, CT h, CT weight, CT gamma, CT beta, COT mean, COT var,
                                int64_t stride, double eps, bool relu) {
@@ -102,7 +105,7 @@ struct EntryFunction : public torch::autograd::Function<EntryFunction> {
   }
 };
 
-// rla_update: rec3x3(tanh(bn(pool?(h) + out1x1(y)))). Returns (out, mean, var) as EntryFunction.
+// rla_update: rec3x3(tanh(bn(pool?(h) + out1x1(y)))). (out, mean, var) as EntryFunction.
 struct UpdateFunction : public torch::autograd::Function<UpdateFunction> {
   static variable_list forward(AutogradContext* ctx, CT h, CT y, CT out_weight, CT gamma, CT beta, COT mean,
                                COT var, CT rec_weight, bool pool, double eps) {
@@ -136,23 +139,64 @@ struct UpdateFunction : public torch::autograd::Function<UpdateFunction> {
   }
 };
 
-using Out3 = std::tuple<Tensor, Tensor, Tensor>;
+// ---------------------------------------------------------------- BatchNorm bookkeeping
+// Mirrors rla_ext/ops/_batchnorm.py (eval_stats, update_running_stats) and _kernels.forward_with_stats.
 
-Out3 as_tuple(const variable_list& r) { return {r[0], r[1], r[2]}; }
-
-Out3 concat_conv_bn_act(CT x, CT h, CT weight, CT gamma, CT beta, COT mean, COT var, double eps, bool relu) {
-  return as_tuple(EntryFunction::apply(x, h, weight, gamma, beta, mean, var, int64_t{0}, eps, relu));
+// Eval: the kernels normalise with fresh copies of the running statistics in the stat dtype (they are
+// saved for backward, so later in-place updates of the buffers cannot reach them). Training: none.
+std::pair<OptTensor, OptTensor> kernel_stats(COT running_mean, COT running_var, bool training, const Tensor& like) {
+  if (training) return {std::nullopt, std::nullopt};
+  TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
+              "rla_ext: eval mode needs running_mean and running_var");
+  const auto sd = cpu::stat_dtype(like.scalar_type());
+  return {running_mean->to(sd, false, true).contiguous(), running_var->to(sd, false, true).contiguous()};
 }
 
-Out3 concat_conv3x3_bn_act(CT x, CT h, CT weight, CT gamma, CT beta, COT mean, COT var, int64_t stride, double eps,
-                           bool relu) {
+// running <- (1 - momentum) * running + momentum * batch, with the unbiased batch variance over `count`
+// values per channel (N * H * W of out). Same operations in the same order as the Python update.
+void update_running_stats(COT running_mean, COT running_var, const Tensor& mean, const Tensor& var,
+                          const Tensor& out, double momentum) {
+  if (!running_mean.has_value() || !running_var.has_value()) return;
+  const int64_t count = out.numel() / out.size(1);
+  at::NoGradGuard no_grad;
+  Tensor rm = *running_mean, rv = *running_var;
+  rm.lerp_(mean.scalar_type() == rm.scalar_type() ? mean : mean.to(rm.scalar_type()), momentum);
+  rv.mul_(1.0 - momentum)
+      .add_(var.scalar_type() == rv.scalar_type() ? var : var.to(rv.scalar_type()),
+            momentum * static_cast<double>(count) / static_cast<double>(count - 1));
+}
+
+// One training or eval call of a Function whose apply(mean, var) returns (out, mean, var).
+template <class Apply>
+Tensor with_running_stats(COT running_mean, COT running_var, bool training, double momentum, const Tensor& like,
+                          const Apply& apply) {
+  auto [m, v] = kernel_stats(running_mean, running_var, training, like);
+  const variable_list r = apply(m, v);
+  if (training) update_running_stats(running_mean, running_var, r[1], r[2], r[0], momentum);
+  return r[0];
+}
+
+// ---------------------------------------------------------------- the ops
+Tensor concat_conv_bn_act(CT x, CT h, CT weight, CT gamma, CT beta, COT running_mean, COT running_var,
+                          bool training, double momentum, double eps, bool relu) {
+  return with_running_stats(running_mean, running_var, training, momentum, x, [&](COT m, COT v) {
+    return EntryFunction::apply(x, h, weight, gamma, beta, m, v, int64_t{0}, eps, relu);
+  });
+}
+
+Tensor concat_conv3x3_bn_act(CT x, CT h, CT weight, CT gamma, CT beta, COT running_mean, COT running_var,
+                             bool training, double momentum, int64_t stride, double eps, bool relu) {
   TORCH_CHECK(stride > 0, "concat_conv3x3_bn_act_autograd: stride must be positive, got ", stride);
-  return as_tuple(EntryFunction::apply(x, h, weight, gamma, beta, mean, var, stride, eps, relu));
+  return with_running_stats(running_mean, running_var, training, momentum, x, [&](COT m, COT v) {
+    return EntryFunction::apply(x, h, weight, gamma, beta, m, v, stride, eps, relu);
+  });
 }
 
-Out3 rla_update(CT h, CT y, CT out_weight, CT gamma, CT beta, COT mean, COT var, CT rec_weight, bool pool,
-                double eps) {
-  return as_tuple(UpdateFunction::apply(h, y, out_weight, gamma, beta, mean, var, rec_weight, pool, eps));
+Tensor rla_update(CT h, CT y, CT out_weight, CT gamma, CT beta, COT running_mean, COT running_var, CT rec_weight,
+                  bool pool, bool training, double momentum, double eps) {
+  return with_running_stats(running_mean, running_var, training, momentum, y, [&](COT m, COT v) {
+    return UpdateFunction::apply(h, y, out_weight, gamma, beta, m, v, rec_weight, pool, eps);
+  });
 }
 
 }  // namespace

@@ -32,14 +32,18 @@ TORCH_LIBRARY_FRAGMENT(rla_ext, m) {
         "Tensor h_next, Tensor entry_weight, Tensor entry_gamma, Tensor entry_beta, Tensor z, Tensor entry_mean, "
         "Tensor entry_var, bool pool, float eps, float entry_eps, bool relu, bool training) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The eager fast path (csrc/autograd.cpp): the kernels above under a C++ autograd Function, for plain
-  // eager calls only (no fake kernels: tracing takes the Python custom ops). -> (out, mean, var).
+  // The eager fast path (csrc/autograd.cpp): the kernels above under a C++ autograd Function, with the
+  // BatchNorm bookkeeping (running statistics updated in place when training), for plain eager calls
+  // only (no fake kernels: tracing takes the Python custom ops). -> out.
   m.def("concat_conv_bn_act_autograd(Tensor x, Tensor h, Tensor weight, Tensor gamma, Tensor beta, "
-        "Tensor? mean, Tensor? var, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) "
+        "-> Tensor");
   m.def("concat_conv3x3_bn_act_autograd(Tensor x, Tensor h, Tensor weight, Tensor gamma, Tensor beta, "
-        "Tensor? mean, Tensor? var, int stride, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, int stride, float eps, "
+        "bool relu) -> Tensor");
   m.def("rla_update_autograd(Tensor h, Tensor y, Tensor out_weight, Tensor gamma, Tensor beta, "
-        "Tensor? mean, Tensor? var, Tensor rec_weight, bool pool, float eps) -> (Tensor, Tensor, Tensor)");
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor rec_weight, bool pool, bool training, "
+        "float momentum, float eps) -> Tensor");
   // The ConvGRU / ConvLSTM aggregation cells (rla_ext/ops/conv_gru_cell.py, conv_lstm_cell.py); CPU only,
   // other devices run the reference. GRU stats: (N, 3, 2) per-sample (mean, rstd) of the r, u, output norms.
   m.def("conv_gru_cell_kernel_fwd(Tensor x, Tensor h, Tensor gate_weight, Tensor gate_bias, Tensor output_weight, "

@@ -22,7 +22,7 @@ from torch import Tensor
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
-from rla_ext.ops._kernels import cpp_autograd, empty_activation, forward_with_stats
+from rla_ext.ops._kernels import cpp_autograd, empty_activation
 
 # op name -> (fwd call, bwd call): the ops' custom ops behind their eager fast paths.
 _CALLS: dict[str, tuple[Callable[..., tuple[Tensor, ...]], Callable[..., tuple[Tensor, ...]]]] = {}
@@ -117,10 +117,7 @@ def fused_call(op: str, extra: tuple, x: Tensor, h: Tensor, weight: Tensor, bn_w
     x, h = v.in_format(x, fmt), v.in_format(h, fmt)
     fast = None if group is not None else cpp_autograd(op, backend, x, h, weight, gamma, beta)
     if fast is not None:
-        out, _, _ = forward_with_stats(lambda m, var: fast(x, h, weight, gamma, beta, m, var, *extra, eps, relu),
-                                       running_mean, running_var, training=training, momentum=momentum,
-                                       count=None, dtype=x.dtype)
-        return out
+        return fast(x, h, weight, gamma, beta, running_mean, running_var, training, momentum, *extra, eps, relu)
     if group is not None:
         return SyncEntryFunction.apply(x, h, weight, gamma, beta, running_mean, running_var, momentum, eps, relu,
                                        backend, group, op, extra)

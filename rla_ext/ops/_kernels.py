@@ -40,18 +40,15 @@ def kernels(op: str, backend: str) -> KernelPair:
 
 def forward_with_stats(call: Callable[[Tensor | None, Tensor | None], tuple[Tensor, ...]],
                        running_mean: Tensor | None, running_var: Tensor | None, *, training: bool,
-                       momentum: float, count: int | None, dtype: torch.dtype) -> tuple[Tensor, ...]:
+                       momentum: float, count: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
     """Run a kernel forward in training (batch stats, then the running update) or eval mode.
 
-    `call(mean, var)` runs the kernel; it returns a tuple ending in the statistics (mean, var): (out,
-    saved, mean, var) for every forward kernel, (out, mean, var) for the C++ autograd ops. `count`: the
-    values per channel of the statistics; None: out's (N * H * W).
+    `call(mean, var)` runs the kernel; it returns (out, saved, mean, var) like every forward kernel.
+    (csrc/autograd.cpp mirrors this for the C++ autograd path.)
     """
     if training:
         result = call(None, None)
-        if count is None:
-            count = result[0].numel() // result[0].shape[1]
-        _batchnorm.update_running_stats(running_mean, running_var, result[-2], result[-1], count, momentum)
+        _batchnorm.update_running_stats(running_mean, running_var, result[2], result[3], count, momentum)
         return result
     assert running_mean is not None and running_var is not None
     return call(*_batchnorm.eval_stats(running_mean, running_var, dtype))
@@ -106,15 +103,16 @@ def eager_fast_path(op: Callable[..., Any], body: Callable[..., Any]) -> Callabl
 CPP_AUTOGRAD_BACKENDS = ("cpp",)
 
 
-def cpp_autograd(op: str, backend: str, *args: Any) -> Callable[..., tuple[Tensor, Tensor, Tensor]] | None:
-    """The C++ autograd op of `op` (torch.ops.rla_ext.<op>_autograd: the kernel forward's arguments ->
-    (out, mean, var)) when a call on `backend` with `args` can take it, else None."""
+def cpp_autograd(op: str, backend: str, *args: Any) -> Callable[..., Tensor] | None:
+    """The C++ autograd op of `op` (torch.ops.rla_ext.<op>_autograd, schema in csrc/ops.cpp: the op's
+    validated arguments with running_mean / running_var, training and momentum -> out, the running
+    statistics updated in place) when a call on `backend` with `args` can take it, else None."""
     if backend not in CPP_AUTOGRAD_BACKENDS or not plain_eager(*args):
         return None
     return _cpp_autograd_op(op)
 
 
 @functools.lru_cache(maxsize=None)
-def _cpp_autograd_op(op: str) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+def _cpp_autograd_op(op: str) -> Callable[..., Tensor]:
     _extension.load_error()  # a backend that resolved to "cpp" has loaded it; this makes sure
     return getattr(torch.ops.rla_ext, f"{op}_autograd").default

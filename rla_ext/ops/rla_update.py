@@ -186,10 +186,7 @@ def rla_update(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Tensor | Non
     h, y = v.in_format(h, fmt), v.in_format(y, fmt)
     fast = None if sync else cpp_autograd(_OP, name, h, y, w_out, gamma, beta, w_rec)
     if fast is not None:
-        out, _, _ = forward_with_stats(lambda m, var: fast(h, y, w_out, gamma, beta, m, var, w_rec, pool, eps),
-                                       running_mean, running_var, training=training, momentum=momentum,
-                                       count=None, dtype=y.dtype)
-        return out
+        return fast(h, y, w_out, gamma, beta, running_mean, running_var, w_rec, pool, training, momentum, eps)
     if sync:
         return SyncRLAUpdateFunction.apply(h, y, w_out, gamma, beta, running_mean, running_var, w_rec, pool, momentum,
                                            eps, name, group)
