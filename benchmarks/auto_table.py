@@ -27,7 +27,8 @@ from rla_ext import _auto_table
 FUSED = ("cpp", "cuda", "triton")
 # Benchmark provider -> (backend name, whether compiled): the eager rows time the reference backend,
 # the compile rows the reference under torch.compile (which Inductor decomposes and fuses), and the
-# compile+<backend> rows that backend's opaque custom ops inside the compiled graph.
+# compile+<backend> rows that backend's opaque custom ops inside the compiled graph. The unfused+<backend>
+# rows (the ops a fused op such as rla_update_and_entry replaces) are no backend of that op: left out.
 BACKEND_OF = {**{b: (b, False) for b in FUSED}, "eager": ("torch", False), "compile": ("torch", True),
               **{f"compile+{b}": (b, True) for b in FUSED}}
 COMPILED = "compiled "  # prefix of the pass of an entry measured under torch.compile

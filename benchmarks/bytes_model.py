@@ -102,3 +102,29 @@ def rla_update_traffic(n: int, c: int, k: int, hw: int, dtype: torch.dtype, pass
     if pass_ == "fwd":
         return fwd
     return fwd + Traffic(read=2 * small + y + w, written=h + y + w)
+
+
+def rla_update_and_entry_traffic(n: int, c: int, k: int, c_out: int, hw: int, dtype: torch.dtype,
+                                 pass_: str = "fwd", pool: bool = False) -> Traffic:
+    """Op C, the block boundary, on h (n, k, Hh, Wh), y (n, c, H, W) -> h_next (n, k, H, W) and the next
+    block's entry out (n, c_out, H, W), hw = H * W, training mode.
+
+    The two ops it replaces (``rla_update_traffic`` + ``concat_conv_bn_act_traffic`` with x = y and
+    h = h_next) less what the fusion makes internal. fwd: y is read once (not by each op), and h_next,
+    written once as an output, is not read back by the entry. bwd: y is read once for both weight
+    gradients and dy is written once (one dgrad into y with the stacked weight: the two ops' dy are
+    not written separately and summed), and the entry's gradient into h_next stays internal (added to
+    the incoming grad_h_next, which is read once, the update's grad_out). Everything else as the two
+    ops: fwd writes h_next, s, out, z; bwd reads s, z, h_next and the three weights and writes dh and
+    the three weight gradients.
+    """
+    update = rla_update_traffic(n, c, k, hw, dtype, pass_, pool)
+    entry = concat_conv_bn_act_traffic(n, c, k, c_out, hw, dtype, pass_)
+    e = _element_size(dtype)
+    y, h_next = n * c * hw * e, n * k * hw * e
+    internal = Traffic(read=y + h_next, written=0)  # fwd: the entry's reads of y and h_next
+    if pass_ == "fwd+bwd":
+        # bwd: the second read of y, the second dy and the entry's dh_next
+        internal = internal + Traffic(read=y, written=y + h_next)
+    total = update + entry
+    return Traffic(total.read - internal.read, total.written - internal.written)

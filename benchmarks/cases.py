@@ -4,8 +4,11 @@ A case is a module in training mode plus its inputs and output gradients, built 
 *provider*: ``eager`` (the ``torch`` reference backend), ``compile`` (torch.compile of the
 reference), a fused backend name (``cpp``, ``cuda``, ``triton``) or ``compile+<fused backend>``
 (torch.compile of the module whose ops run that backend: the fused ops as opaque custom ops inside
-Inductor's graph, what a user who compiles a model built with ``backend="cpp"`` gets). Every
-provider of a case gets the same seeded data, so the providers differ only in how the op is computed.
+Inductor's graph, what a user who compiles a model built with ``backend="cpp"`` gets). An op that
+fuses other benchmarked ops (``UNFUSED_OPS``: the block boundary ``rla_update_and_entry``) also has
+``unfused+<backend>``: the ops it replaces, called one after the other on that backend, so its table
+shows the fusion against the two-op path it replaces on the same backend. Every provider of a case
+gets the same seeded data, so the providers differ only in how the op is computed.
 
 Weights are modules' parameters and running statistics their buffers, as in a real network: that
 is what lets torch.compile treat them as static (CUDA graphs are skipped for mutated plain inputs).
@@ -26,8 +29,9 @@ import rla_ext
 from benchmarks import bytes_model
 from benchmarks.shapes import OP_STAGES, Stage
 
-# The op's module (rla_ext.ops re-exports the function under the same name): its FUSED backends.
+# The ops' modules (rla_ext.ops re-exports the functions under the same names): their FUSED backends.
 _OP_3X3 = importlib.import_module("rla_ext.ops.concat_conv3x3_bn_act")
+_OP_BOUNDARY = importlib.import_module("rla_ext.ops.rla_update_and_entry")
 
 # Every benchmarked op, in table order; each has its own stage shapes (benchmarks.shapes.OP_STAGES).
 OPS = tuple(OP_STAGES)
@@ -38,12 +42,34 @@ EAGER, COMPILE = "eager", "compile"
 AUTO = "auto"
 FUSED_BACKENDS = tuple(b for b in rla_ext.BACKENDS if b != "torch")
 COMPILED_FUSED = tuple(f"{COMPILE}+{b}" for b in FUSED_BACKENDS)
-PROVIDERS = (EAGER, COMPILE, AUTO) + FUSED_BACKENDS + COMPILED_FUSED
+# Ops that fuse other benchmarked ops -> the ops they replace, in call order. Their `unfused+<backend>`
+# provider runs those ops one after the other on that backend: the baseline the fusion has to beat.
+UNFUSED = "unfused"
+UNFUSED_OPS: dict[str, tuple[str, ...]] = {"rla_update_and_entry": ("rla_update", "concat_conv_bn_act")}
+# Only the backends the fused op has kernels on: elsewhere there is no fused row to compare with.
+UNFUSED_PROVIDERS = tuple(f"{UNFUSED}+{b}" for b in _OP_BOUNDARY.FUSED)
+# Ops that refuse the fused backends they have no kernels for (BackendUnavailableError), -> the backends
+# they have; their rows on the others are "unavailable". (The 3x3 entry instead runs its reference
+# there, and its rows say so: see make_op_case.)
+OP_FUSED_ONLY: dict[str, tuple[str, ...]] = {"rla_update_and_entry": _OP_BOUNDARY.FUSED}
+PROVIDERS = (EAGER, COMPILE, AUTO) + FUSED_BACKENDS + UNFUSED_PROVIDERS + COMPILED_FUSED
 
 
 def is_compiled(provider: str) -> bool:
     """Whether a provider runs under torch.compile (``compile`` or ``compile+<backend>``)."""
     return provider == COMPILE or provider.startswith(COMPILE + "+")
+
+
+def is_unfused(provider: str) -> bool:
+    """Whether a provider runs the ops a fused op replaces (``unfused+<backend>``) instead of the op."""
+    return provider.startswith(UNFUSED + "+")
+
+
+def op_providers(op: str, providers: Sequence[str]) -> tuple[str, ...]:
+    """The providers of `providers` that apply to `op`: ``unfused+<backend>`` only to ops that fuse
+    others (UNFUSED_OPS); every other provider to every op (one that cannot run gives an
+    "unavailable" row with its reason)."""
+    return tuple(p for p in providers if not is_unfused(p) or op in UNFUSED_OPS)
 
 
 class CaseUnavailable(RuntimeError):
@@ -118,9 +144,38 @@ class RlaUpdate(nn.Module):
                                       backend=self.backend)
 
 
+class RlaUpdateAndEntry(nn.Module):
+    """Op C, the block boundary, as a module: h_next = rla_update(h, y) and the next block's entry
+    relu(bn_e(conv1x1(cat(y, h_next)))) with a fixed backend; forward returns (h_next, entry_out).
+
+    With ``unfused`` it calls ``rla_update`` and then ``concat_conv_bn_act`` on that backend instead of
+    the fused op: the same parameters and values, y read by each op.
+    """
+
+    def __init__(self, channels: int, k: int, out_channels: int, backend: str, pool: bool = False,
+                 unfused: bool = False) -> None:
+        super().__init__()
+        self.update = RlaUpdate(channels, k, backend, pool)
+        self.entry = ConcatConvBnAct(channels, k, out_channels, backend)
+        self.backend = backend
+        self.pool = pool
+        self.unfused = unfused
+
+    def forward(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.unfused:
+            h_next = self.update(h, y)
+            return h_next, self.entry(y, h_next)
+        u, e = self.update, self.entry
+        return rla_ext.ops.rla_update_and_entry(
+            h, y, u.out_weight, u.bn.bn_weight, u.bn.bn_bias, u.bn.running_mean, u.bn.running_var,
+            u.rec_weight, e.weight, e.bn.bn_weight, e.bn.bn_bias, e.bn.running_mean, e.bn.running_var,
+            pool=self.pool, training=self.training, backend=self.backend)
+
+
 def providers(device: torch.device | str, include_interpreted: bool = False) -> list[str]:
-    """Providers that can run on `device`: eager, compile, every available fused backend, then each
-    of those compiled (``compile+<backend>``).
+    """Providers that can run on `device`: eager, compile, every available fused backend, the
+    ``unfused+<backend>`` baselines of those (only fused ops use them: see op_providers), then each
+    fused backend compiled (``compile+<backend>``).
 
     Triton on a CPU only runs through its interpreter, which is a correctness tool, not a
     performance path, so it is left out unless asked for.
@@ -129,18 +184,27 @@ def providers(device: torch.device | str, include_interpreted: bool = False) -> 
     fused = [b for b in rla_ext.available_backends(dev) if b in FUSED_BACKENDS]
     if dev.type == "cpu" and not include_interpreted:
         fused = [b for b in fused if b != "triton"]
-    return [EAGER, COMPILE, *fused, *(f"{COMPILE}+{b}" for b in fused)]
+    unfused = [p for p in UNFUSED_PROVIDERS if p.removeprefix(UNFUSED + "+") in fused]
+    return [EAGER, COMPILE, *fused, *unfused, *(f"{COMPILE}+{b}" for b in fused)]
 
 
-def check_provider(provider: str, device: torch.device) -> str:
-    """The rla_ext backend a provider runs on; raises CaseUnavailable with the reason if it cannot."""
+def check_provider(provider: str, device: torch.device, op: str | None = None) -> str:
+    """The rla_ext backend a provider runs on; raises CaseUnavailable with the reason if it cannot
+    (for `op`, when given: also where the op has no kernels of that backend, or no unfused form)."""
     if provider in (EAGER, COMPILE):
         return "torch"
     if provider == AUTO:
         return "auto"
     if provider not in PROVIDERS:
         raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
-    backend = provider.removeprefix(COMPILE + "+")
+    backend = provider.removeprefix(COMPILE + "+").removeprefix(UNFUSED + "+")
+    if is_unfused(provider) and op not in UNFUSED_OPS:  # blocks and models (op None) included
+        raise CaseUnavailable(f"{provider} times the ops a fused op replaces, which only "
+                              f"{', '.join(UNFUSED_OPS)} has; not {op or 'a block or model'}")
+    # The op's own reason first: it holds on any device, unlike the device check below.
+    if op in OP_FUSED_ONLY and not is_unfused(provider) and backend not in OP_FUSED_ONLY[op]:
+        raise CaseUnavailable(f"{op} has no {backend} kernels (not written yet; its backends: torch, "
+                              f"{', '.join(OP_FUSED_ONLY[op])}), so backend {backend!r} refuses it")
     reason = rla_ext._backend.unavailable_reason(backend, device)
     if reason is not None:
         raise CaseUnavailable(reason)
@@ -231,9 +295,11 @@ def _out_size(size: int, stride: int) -> int:
 def make_op_case(op: str, stage: Stage, provider: str, *, batch: int, dtype: torch.dtype,
                  device: torch.device | str, channels_last: bool = True, k: int | None = None,
                  compile_mode: str | None = None, seed: int = 0) -> Case:
-    """One fused op at one stage shape, training mode, for one provider (k: default the stage's)."""
+    """One fused op at one stage shape, training mode, for one provider (k: default the stage's).
+
+    Raises CaseUnavailable (with the reason) where the provider cannot run the op here."""
     device = torch.device(device)
-    backend = check_provider(provider, device)
+    backend = check_provider(provider, device, op)
     torch.manual_seed(seed)
     k = stage.k if k is None else k
     n, c, s, width = batch, stage.channels, stage.size, stage.width
@@ -260,17 +326,32 @@ def make_op_case(op: str, stage: Stage, provider: str, *, batch: int, dtype: tor
         module = prepare(module, dtype, device)
         inputs = (activation((n, c, s, s), dtype, device, channels_last),
                   activation((n, k, s, s), dtype, device, channels_last))
-        grad_out = activation((n, width, so, so), dtype, device, channels_last, requires_grad=False)
+        grad_outs = (activation((n, width, so, so), dtype, device, channels_last, requires_grad=False),)
     elif op == "rla_update":
         module = prepare(RlaUpdate(c, k, backend), dtype, device)
         inputs = (activation((n, k, s, s), dtype, device, channels_last),
                   activation((n, c, s, s), dtype, device, channels_last))
-        grad_out = activation((n, k, s, s), dtype, device, channels_last, requires_grad=False)
+        grad_outs = (activation((n, k, s, s), dtype, device, channels_last, requires_grad=False),)
 
         def traffic(pass_: str) -> bytes_model.Traffic:
             return bytes_model.rla_update_traffic(n, c, k, s * s, dtype, pass_)
+    elif op == "rla_update_and_entry":
+        # h (n, k, s, s) and y (n, c, s, s) -> h_next (n, k, s, s) and the entry's out (n, width, s, s).
+        unfused = is_unfused(provider)
+        module = prepare(RlaUpdateAndEntry(c, k, width, backend, unfused=unfused), dtype, device)
+        if unfused:
+            meta["composition"] = f"{' then '.join(UNFUSED_OPS[op])}, each on {backend}"
+        inputs = (activation((n, k, s, s), dtype, device, channels_last),
+                  activation((n, c, s, s), dtype, device, channels_last))
+        grad_outs = (activation((n, k, s, s), dtype, device, channels_last, requires_grad=False),
+                     activation((n, width, s, s), dtype, device, channels_last, requires_grad=False))
+
+        # Every provider's row counts the fused op's compulsory traffic, the unfused one's too, so the
+        # rows' GB/s compare as times do (the two ops' own traffic is larger: y read twice).
+        def traffic(pass_: str) -> bytes_model.Traffic:
+            return bytes_model.rla_update_and_entry_traffic(n, c, k, width, s * s, dtype, pass_)
     else:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
     fn = compile_module(module, device, compile_mode) if is_compiled(provider) else module
     return Case(name=op, provider=provider, label=stage.label, fn=fn, inputs=inputs,
-                params=tuple(module.parameters()), grad_outputs=(grad_out,), traffic=traffic, meta=meta)
+                params=tuple(module.parameters()), grad_outputs=grad_outs, traffic=traffic, meta=meta)

@@ -1,7 +1,9 @@
 """``python -m benchmarks``: every available backend against eager and torch.compile, on this device.
 
 Rows: every fused op x its stage shapes (benchmarks.shapes.OP_STAGES) x {fwd, fwd+bwd} x providers (eager, compile, fused backends,
-and each fused backend under torch.compile: compile+cpp, ...), then, unless --quick, one RLA-ResNet-50 training step per provider beside a plain ResNet-50.
+and each fused backend under torch.compile: compile+cpp, ...; for the block boundary rla_update_and_entry
+also unfused+cpp, the two ops it replaces on cpp), then, unless --quick, one RLA-ResNet-50 training step
+per provider beside a plain ResNet-50.
 Eager and fused ops run first, then their training steps, then the compiled ops and steps (the
 slow compilations), so a --max-minutes budget that runs out still leaves the core comparison. Nothing that fails inside a row stops the run: the
 row records the error.
@@ -47,9 +49,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    + "; ".join(f"{op}: {','.join(s.label for s in stages)}" for op, stages in OP_STAGES.items()))
     p.add_argument("--ops", default=",".join(cases.OPS), help="comma-separated ops (default: all: %(default)s)")
     p.add_argument("--passes", default=",".join(cases.PASSES), help="comma-separated: fwd, fwd+bwd")
-    p.add_argument("--providers", help="comma-separated subset of eager, compile, auto, cpp, cuda, triton, "
-                   "compile+cpp, compile+cuda, compile+triton (default: eager, compile and every fused "
-                   "backend available on the device, plain and compiled; auto = rla_ext's measured choice)")
+    p.add_argument("--providers", help=f"comma-separated subset of {', '.join(cases.PROVIDERS)} (default: "
+                   "eager, compile and every fused backend available on the device, plain and compiled, and "
+                   "their unfused+<backend>; auto = rla_ext's measured choice; unfused+<backend> = the ops a "
+                   "fused op replaces (rla_update_and_entry's two) on that backend, only for such ops)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
     p.add_argument("--compile-mode", help="torch.compile mode (default: max-autotune on cuda, default on cpu)")
     p.add_argument("--contiguous", action="store_true", help="NCHW-contiguous inputs instead of channels_last")
@@ -343,11 +346,14 @@ def plan(cfg: Settings, bandwidth: dict[str, float]) -> list[Task]:
         # each compiled provider is its own task (compilation is slow and comes last).
         groups = [providers] if providers is plain else [[p] for p in providers]
         if cfg.run_ops and providers:
-            tasks += [op_task(op, stage, g) for op in cfg.ops for stage in cfg.stages[op] for g in groups]
+            # An op takes only the providers that apply to it (unfused+<backend>: the ops that fuse others).
+            tasks += [op_task(op, stage, mine) for op in cfg.ops for stage in cfg.stages[op] for g in groups
+                      if (mine := cases.op_providers(op, g))]
         if cfg.run_e2e:
             # The plain ResNet-50 has no RLA ops: it runs as eager (and compiled), the cost baseline.
-            entries = [(m, p) for m in cfg.e2e_models for p in providers
-                       if m not in model_step.PLAIN_MODELS or p in (cases.EAGER, cases.COMPILE)]
+            # unfused+<backend> is an op-level baseline: a model has no unfused form.
+            entries = [(m, p) for m in cfg.e2e_models for p in providers if not cases.is_unfused(p)
+                       and (m not in model_step.PLAIN_MODELS or p in (cases.EAGER, cases.COMPILE))]
             # Eager and fused steps are timed against each other; compiled ones one by one.
             tasks += [e2e_task(entries)] if providers is plain else [e2e_task([e]) for e in entries]
     return tasks

@@ -6,10 +6,12 @@ Configured by environment variables, so the same command works on the CPU machin
   RLA_BENCH_BATCH    op/block batch (default: 128 on cuda, 2 on cpu)
   RLA_BENCH_SHAPES   comma list of stages (default: every stage of each op's table in
                      benchmarks/shapes.py: RLA-ResNet-50's four for the bottleneck ops and the block,
-                     the CIFAR basic-block entries for concat_conv3x3_bn_act); an op runs those of its own
+                     the CIFAR basic-block entries for concat_conv3x3_bn_act; the boundary
+                     rla_update_and_entry at RLA-ResNet-50's too); an op runs those of its own
   RLA_BENCH_ROUNDS   timed rounds per case (default: 20 on cuda, 3 on cpu)
   RLA_BENCH_MODEL_COMPILE=1  also compile the whole model on cpu (several minutes)
-Every provider is parametrised; those that cannot run here are skipped with the reason.
+Every provider is parametrised (unfused+<backend> only for the ops that fuse others); those that cannot
+run here are skipped with the reason.
 """
 from __future__ import annotations
 
@@ -62,6 +64,15 @@ def _id(value: object) -> str:
     return getattr(value, "label", None) or str(value)
 
 
+def _provider_applies(argnames: list[str], combo: tuple) -> bool:
+    """Whether a combination's provider applies to what it times: unfused+<backend> only to the ops that
+    fuse others (cases.op_providers), not to other ops, blocks or models."""
+    values = dict(zip(argnames, combo))
+    if "provider" not in values:
+        return True
+    return bool(cases.op_providers(str(values.get("op", "")), [values["provider"]]))
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """One parametrisation over the axes a test asks for, with ``pass_`` varying fastest.
 
@@ -80,6 +91,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         axes["op"] = [(op, s) for op in cases.OPS for s in bench_stages(op)]
         names.remove("stage")  # "op" now stands for the (op, stage) axis; "op" precedes "stage" in argnames
     combos = [sum(parts, ()) for parts in itertools.product(*(axes[n] for n in names))]
+    combos = [c for c in combos if _provider_applies(argnames, c)]
     metafunc.parametrize(",".join(argnames), combos, ids=["-".join(_id(v) for v in c) for c in combos])
 
 

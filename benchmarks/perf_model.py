@@ -67,6 +67,10 @@ UNMODELLED = {
     "concat_conv3x3_bn_act": "the basic block's 3x3 entry is not modelled: its fused designs run each pass as "
                              "library 3x3 convolutions (cuDNN / oneDNN), whose kernels and traffic cannot be read "
                              "from this repository's code the way the 1x1 ops' kernel lists are",
+    "rla_update_and_entry": "the block boundary is not modelled: its only fused design is the cpp kernel (no "
+                            "cuda or triton kernels to read), and its eager design is the two modelled ops, "
+                            "rla_update then concat_conv_bn_act; its compulsory traffic is "
+                            "bytes_model.rla_update_and_entry_traffic",
 }
 PASSES = bytes_model.PASSES
 DESIGNS = ("eager", "cuda", "triton", "floor")

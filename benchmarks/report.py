@@ -10,14 +10,20 @@ from typing import Any
 Row = dict[str, Any]
 
 
+UNFUSED_PREFIX = "unfused+"  # benchmarks.cases: the ops a fused op replaces, on one backend
+
+
 def add_speedups(rows: Sequence[Row]) -> None:
-    """Fill speedup_vs_eager / speedup_vs_compile from the eager and compile rows of the same case."""
+    """Fill speedup_vs_eager / speedup_vs_compile from the eager and compile rows of the same case, and,
+    for a fused backend's row whose case also has ``unfused+<that backend>`` (the block boundary against
+    its two ops), speedup_vs_unfused."""
     def key(r: Row) -> tuple:
         return (r["kind"], r["op"], r["pass"], r["shape"], r["dtype"], r["batch"])
 
     ref: dict[tuple, dict[str, float]] = {}
     for r in rows:
-        if r["status"] == "ok" and r["provider"] in ("eager", "compile"):
+        baseline = r["provider"] in ("eager", "compile") or r["provider"].startswith(UNFUSED_PREFIX)
+        if r["status"] == "ok" and baseline:
             ref.setdefault(key(r), {})[r["provider"]] = r["time_ms"]["median"]
     for r in rows:
         base = ref.get(key(r), {})
@@ -25,6 +31,9 @@ def add_speedups(rows: Sequence[Row]) -> None:
         for provider in ("eager", "compile"):
             b = base.get(provider)
             r[f"speedup_vs_{provider}"] = b / t if (b is not None and t) else None
+        unfused = base.get(UNFUSED_PREFIX + r["provider"])
+        if unfused is not None and t:
+            r["speedup_vs_unfused"] = unfused / t
 
 
 def write_json(path: Path, meta: dict[str, Any], rows: Sequence[Row]) -> None:
@@ -43,9 +52,13 @@ def _mb(nbytes: float | None) -> str:
 
 
 def _note(r: Row) -> str:
-    """Why a row has no time, or, for a row timed on the reference in a backend's stead, that it was."""
+    """Why a row has no time; for a row timed on the reference in a backend's stead, that it was; for an
+    unfused row, the ops it ran; for a fused row with an unfused peer, its speedup over that peer."""
     if r["status"] == "ok":
-        return str(r.get("fallback") or "")
+        notes = [str(r[f]) for f in ("fallback", "composition") if r.get(f)]
+        if r.get("speedup_vs_unfused") is not None:
+            notes.append(f"{r['speedup_vs_unfused']:.2f}x vs {UNFUSED_PREFIX}{r['provider']}")
+        return "; ".join(notes)
     text = " ".join(str(r.get("error") or "").split())
     return f"{r['status']}: {text[:120]}" + ("..." if len(text) > 120 else "")
 

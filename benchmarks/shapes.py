@@ -3,6 +3,8 @@
 ``concat_conv_bn_act`` and ``rla_update`` run at RLA-ResNet-50's bottleneck entries, one per stage
 (``STAGES``). Each stage is given by a block that is not the stage's first, so the block input has
 C = 4 * width channels, the shortcut is the identity and the RLA update does not pool.
+``rla_update_and_entry`` (the block boundary: op B, then the next bottleneck's entry on y and h_next)
+runs at the same stages: y has C channels, the next block's entry has C_out = width, no pooling.
 
 ``concat_conv3x3_bn_act`` (the RLA basic block's 3x3 entry) runs at the CIFAR basic-block models'
 entries (``CIFAR_BASIC_STAGES``: rla_resnet20/32/44/56/110 in rla_ext/models/zoo.py, widths 16, 32,
@@ -21,10 +23,10 @@ CIFAR_RLA_CHANNELS = 16  # k of the CIFAR models (rla_ext.models.zoo.rla_resnet_
 
 @dataclass(frozen=True)
 class Stage:
-    """One benchmarked op call: block input channels, input spatial size, the entry's output width,
-    the entry conv's stride and the RLA hidden-state width k."""
+    """One benchmarked op call: block input channels, input spatial size, the entry's output width (for
+    the boundary, the next block's entry), the entry conv's stride and the RLA hidden-state width k."""
 
-    channels: int  # C: block input channels (x for the entry ops, y for op B)
+    channels: int  # C: block input channels (x for the entry ops, y for op B and the boundary)
     size: int  # H = W of the op's input (the size class `auto` looks up)
     width: int  # the entry's C_out: the bottleneck width ("planes") or the basic block's planes
     stride: int = 1  # the 3x3 entry's stride (2 where a basic block downsamples); 1 for the 1x1 ops
@@ -64,11 +66,13 @@ OP_STAGES: dict[str, tuple[Stage, ...]] = {
     "concat_conv_bn_act": STAGES,
     "rla_update": STAGES,
     "concat_conv3x3_bn_act": CIFAR_BASIC_STAGES,
+    "rla_update_and_entry": STAGES,
 }
 QUICK_OP_STAGES: dict[str, tuple[Stage, ...]] = {
     "concat_conv_bn_act": (STAGES[1], STAGES[3]),
     "rla_update": (STAGES[1], STAGES[3]),
     "concat_conv3x3_bn_act": (CIFAR_BASIC_STAGES[1], CIFAR_BASIC_STAGES[4]),  # C32xH16 and C32xH16s2
+    "rla_update_and_entry": (STAGES[1], STAGES[3]),
 }
 
 

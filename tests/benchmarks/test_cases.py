@@ -56,9 +56,11 @@ def test_cli_shapes_are_chosen_per_op():
     cfg = cli.Settings(cli.parse_args(["--device", "cpu", "--shapes", "C2048xH7,C64xH8", "--no-compile",
                                         "--no-e2e"]))
     assert {op: [s.label for s in st] for op, st in cfg.stages.items()} == {
-        "concat_conv_bn_act": ["C2048xH7"], "rla_update": ["C2048xH7"], OP: ["C64xH8"]}
+        "concat_conv_bn_act": ["C2048xH7"], "rla_update": ["C2048xH7"], OP: ["C64xH8"],
+        "rla_update_and_entry": ["C2048xH7"]}
     assert [t.label.split()[:2] for t in cli.plan(cfg, {"gbps": 1.0})] == [
-        ["concat_conv_bn_act", "C2048xH7"], ["rla_update", "C2048xH7"], [OP, "C64xH8"]]
+        ["concat_conv_bn_act", "C2048xH7"], ["rla_update", "C2048xH7"], [OP, "C64xH8"],
+        ["rla_update_and_entry", "C2048xH7"]]
     quick = cli.Settings(cli.parse_args(["--device", "cpu", "--quick", "--ops", OP]))
     assert quick.stages == {OP: shapes.stages_for(OP, quick=True)}
     with pytest.raises(SystemExit, match="C256xH56"):  # not a stage of the only op chosen
@@ -91,8 +93,8 @@ def test_cpp_case_matches_eager():
 
 def test_triton_rows_are_marked_as_the_reference(monkeypatch):
     """The op has no Triton kernels: a triton row times the reference, and its row says so."""
-    monkeypatch.setattr(cases, "check_provider", lambda provider, device: "triton")
+    monkeypatch.setattr(cases, "check_provider", lambda provider, device, op=None: "triton")
     case = cases.make_op_case(OP, TINY[0], "triton", batch=1, dtype=torch.float32, device="cpu")
     assert "runs the reference" in case.meta["fallback"]
-    monkeypatch.setattr(cases, "check_provider", lambda provider, device: "cpp")
+    monkeypatch.setattr(cases, "check_provider", lambda provider, device, op=None: "cpp")
     assert "fallback" not in cases.make_op_case(OP, TINY[0], "cpp", batch=1, dtype=torch.float32, device="cpu").meta

@@ -97,17 +97,17 @@ def test_cli_tiny_run_writes_json_markdown_and_plot(tmp_path):
         in (out / "results.md").read_text()
     assert data["copy_bandwidth"]["gbps"] > 0
     rows = data["rows"]
-    assert {(r["op"], r["pass"]) for r in rows} == {(op, p) for op in ("concat_conv_bn_act", "rla_update")
-                                                   for p in ("fwd", "fwd+bwd")}
+    ops = ("concat_conv_bn_act", "rla_update", "rla_update_and_entry")  # the ops with a C2048xH7 stage
+    assert {(r["op"], r["pass"]) for r in rows} == {(op, p) for op in ops for p in ("fwd", "fwd+bwd")}
     eager = [r for r in rows if r["provider"] == "eager"]
-    assert len(eager) == 4 and all(r["status"] == "ok" for r in eager), eager
+    assert len(eager) == 6 and all(r["status"] == "ok" for r in eager), eager
     for r in eager:
         assert r["time_ms"]["median"] > 0 and r["time_ms"]["n"] == 1
         assert r["speedup_vs_eager"] == pytest.approx(1.0)
         assert r["bytes_moved"] > 0 and r["gbps"] > 0 and r["pct_of_copy_bw"] > 0
         assert r["saved_for_backward_bytes"] > 0
     unavailable = [r for r in rows if r["provider"] == "cuda"]
-    assert len(unavailable) == 4 and all(r["status"] == "unavailable" and r["error"] for r in unavailable)
+    assert len(unavailable) == 6 and all(r["status"] == "unavailable" and r["error"] for r in unavailable)
 
     assert "| rla_update | fwd+bwd | C2048xH7 | eager |" in (out / "results.md").read_text()
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
