@@ -13,7 +13,7 @@ benchmarks.auto_table.REFERENCE_MARGIN faster.
 
 cuda: one H200 run (bf16, batch 128, channels_last; benchmarks/results/h200-2026-11-30): the reference
 beat both fused backends nearly everywhere. cpu: one 2-core AMD EPYC run (float32, batch 8,
-channels_last; benchmarks/results/cpu-2core-2026-11-30b).
+channels_last; benchmarks/results/cpu-2core-2026-11-30c).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 # BEGIN GENERATED
 SOURCES: dict[str, dict[str, str]] = {
     'cuda': {'device': 'NVIDIA H200', 'date': '2026-11-30T16:58:59+00:00', 'commit': '714d11ab751acd396e41ee8a253b4a3bf0116db6'},
-    'cpu': {'device': 'AMD EPYC (2 threads)', 'date': '2026-11-30T20:36:23+00:00', 'commit': '4f67e77f1fb2ddac4ae76369ba5dccad0c2371dd'},
+    'cpu': {'device': 'AMD EPYC (2 threads)', 'date': '2026-11-30T21:01:55+00:00', 'commit': 'a013fc2e5ecb7031e744aaebeb62420b743215ff'},
 }
 PREFERENCE: dict[tuple[str, str, int, str], tuple[str, ...]] = {
     ('cpu', 'concat_conv3x3_bn_act', 7, 'compiled fwd'): ('torch', 'cpp'),
@@ -55,13 +55,13 @@ PREFERENCE: dict[tuple[str, str, int, str], tuple[str, ...]] = {
     ('cpu', 'concat_conv_bn_act', 56, 'fwd+bwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update', 7, 'compiled fwd'): ('torch', 'cpp'),
     ('cpu', 'rla_update', 7, 'compiled fwd+bwd'): ('torch', 'cpp'),
-    ('cpu', 'rla_update', 7, 'fwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update', 7, 'fwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update', 7, 'fwd+bwd'): ('torch', 'cpp'),
     ('cpu', 'rla_update', 14, 'compiled fwd'): ('torch', 'cpp'),
     ('cpu', 'rla_update', 14, 'compiled fwd+bwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update', 14, 'fwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update', 14, 'fwd+bwd'): ('cpp', 'torch'),
-    ('cpu', 'rla_update', 28, 'compiled fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update', 28, 'compiled fwd'): ('torch', 'cpp'),
     ('cpu', 'rla_update', 28, 'compiled fwd+bwd'): ('torch', 'cpp'),
     ('cpu', 'rla_update', 28, 'fwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update', 28, 'fwd+bwd'): ('cpp', 'torch'),
@@ -69,6 +69,22 @@ PREFERENCE: dict[tuple[str, str, int, str], tuple[str, ...]] = {
     ('cpu', 'rla_update', 56, 'compiled fwd+bwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update', 56, 'fwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update', 56, 'fwd+bwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 7, 'compiled fwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update_and_entry', 7, 'compiled fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update_and_entry', 7, 'fwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update_and_entry', 7, 'fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update_and_entry', 14, 'compiled fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 14, 'compiled fwd+bwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 14, 'fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 14, 'fwd+bwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 28, 'compiled fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 28, 'compiled fwd+bwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 28, 'fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 28, 'fwd+bwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 56, 'compiled fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 56, 'compiled fwd+bwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 56, 'fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 56, 'fwd+bwd'): ('cpp', 'torch'),
     ('cuda', 'concat_conv_bn_act', 7, 'fwd'): ('torch', 'cuda', 'triton'),
     ('cuda', 'concat_conv_bn_act', 7, 'fwd+bwd'): ('torch', 'cuda', 'triton'),
     ('cuda', 'concat_conv_bn_act', 14, 'fwd'): ('torch', 'triton', 'cuda'),

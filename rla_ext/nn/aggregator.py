@@ -53,9 +53,11 @@ def boundary_pays(y: Tensor) -> bool:
     """Whether the fused boundary (:func:`rla_boundary`) beats the two ops on the `cpp` backend for block
     output y (N, C, H, W): when there are at least 8 pixel rows per channel, N*H*W >= 8*C.
 
-    Measured on 2 CPU cores (fp32, channels_last, forward+backward, RLA-ResNet-50 stage shapes, k=32):
-    the boundary op over the two cpp ops was 1.44x at C256xH56 and 1.05x at C512xH28 (N=8), 1.24x and
-    0.99x at N=4, but 0.91-0.98x at 14x14 and 7x7, where the GEMMs have few rows per channel.
+    Measured on 2 CPU cores (fp32, channels_last, forward+backward, RLA-ResNet-50 stage shapes, k=32,
+    N=8) against the two cpp ops: the benchmark CLI (gradients by autograd.grad) 1.00x at C256xH56,
+    1.06x at C512xH28, 1.02x at C1024xH14, 0.98x at C2048xH7; with the gradients accumulated into
+    leaf tensors (one add of dy fewer for the fused op) 1.20x / 1.05x / 0.97x / 0.96x. Where there
+    are few pixel rows per channel the stacked GEMMs lose, so those boundaries stay unfused.
     """
     return y.shape[0] * y.shape[2] * y.shape[3] >= 8 * y.shape[1]
 
