@@ -13,7 +13,7 @@ benchmarks.auto_table.REFERENCE_MARGIN faster.
 
 cuda: one H200 run (bf16, batch 128, channels_last; benchmarks/results/h200-2026-11-30): the reference
 beat both fused backends nearly everywhere. cpu: one 2-core AMD EPYC run (float32, batch 8,
-channels_last; benchmarks/results/cpu-2core-2026-11-30c).
+channels_last; benchmarks/results/cpu-2core-2026-11-30d).
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from __future__ import annotations
 # BEGIN GENERATED
 SOURCES: dict[str, dict[str, str]] = {
     'cuda': {'device': 'NVIDIA H200', 'date': '2026-11-30T16:58:59+00:00', 'commit': '714d11ab751acd396e41ee8a253b4a3bf0116db6'},
-    'cpu': {'device': 'AMD EPYC (2 threads)', 'date': '2026-11-30T21:01:55+00:00', 'commit': 'a013fc2e5ecb7031e744aaebeb62420b743215ff'},
+    'cpu': {'device': 'AMD EPYC (2 threads)', 'date': '2026-11-30T21:21:15+00:00', 'commit': 'e417e0fec5fe01ead51fc48cf5c6efe3894289a7'},
 }
 PREFERENCE: dict[tuple[str, str, int, str], tuple[str, ...]] = {
-    ('cpu', 'concat_conv3x3_bn_act', 7, 'compiled fwd'): ('torch', 'cpp'),
+    ('cpu', 'concat_conv3x3_bn_act', 7, 'compiled fwd'): ('cpp', 'torch'),
     ('cpu', 'concat_conv3x3_bn_act', 7, 'compiled fwd+bwd'): ('torch', 'cpp'),
     ('cpu', 'concat_conv3x3_bn_act', 7, 'fwd'): ('torch', 'cpp'),
     ('cpu', 'concat_conv3x3_bn_act', 7, 'fwd+bwd'): ('torch', 'cpp'),
@@ -56,9 +56,9 @@ PREFERENCE: dict[tuple[str, str, int, str], tuple[str, ...]] = {
     ('cpu', 'rla_update', 7, 'compiled fwd'): ('torch', 'cpp'),
     ('cpu', 'rla_update', 7, 'compiled fwd+bwd'): ('torch', 'cpp'),
     ('cpu', 'rla_update', 7, 'fwd'): ('cpp', 'torch'),
-    ('cpu', 'rla_update', 7, 'fwd+bwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update', 7, 'fwd+bwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update', 14, 'compiled fwd'): ('torch', 'cpp'),
-    ('cpu', 'rla_update', 14, 'compiled fwd+bwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update', 14, 'compiled fwd+bwd'): ('torch', 'cpp'),
     ('cpu', 'rla_update', 14, 'fwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update', 14, 'fwd+bwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update', 28, 'compiled fwd'): ('torch', 'cpp'),
@@ -69,15 +69,15 @@ PREFERENCE: dict[tuple[str, str, int, str], tuple[str, ...]] = {
     ('cpu', 'rla_update', 56, 'compiled fwd+bwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update', 56, 'fwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update', 56, 'fwd+bwd'): ('cpp', 'torch'),
-    ('cpu', 'rla_update_and_entry', 7, 'compiled fwd'): ('torch', 'cpp'),
-    ('cpu', 'rla_update_and_entry', 7, 'compiled fwd+bwd'): ('torch', 'cpp'),
-    ('cpu', 'rla_update_and_entry', 7, 'fwd'): ('torch', 'cpp'),
+    ('cpu', 'rla_update_and_entry', 7, 'compiled fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 7, 'compiled fwd+bwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 7, 'fwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update_and_entry', 7, 'fwd+bwd'): ('torch', 'cpp'),
     ('cpu', 'rla_update_and_entry', 14, 'compiled fwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update_and_entry', 14, 'compiled fwd+bwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update_and_entry', 14, 'fwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update_and_entry', 14, 'fwd+bwd'): ('cpp', 'torch'),
-    ('cpu', 'rla_update_and_entry', 28, 'compiled fwd'): ('cpp', 'torch'),
+    ('cpu', 'rla_update_and_entry', 28, 'compiled fwd'): ('torch', 'cpp'),
     ('cpu', 'rla_update_and_entry', 28, 'compiled fwd+bwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update_and_entry', 28, 'fwd'): ('cpp', 'torch'),
     ('cpu', 'rla_update_and_entry', 28, 'fwd+bwd'): ('cpp', 'torch'),
