@@ -55,7 +55,8 @@ def boundary_pays(y: Tensor) -> bool:
 
     Measured on 2 CPU cores (fp32, channels_last, forward+backward, RLA-ResNet-50 stage shapes, k=32,
     N=8) against the two cpp ops: the benchmark CLI (gradients by autograd.grad) 1.00x at C256xH56,
-    1.06x at C512xH28, 1.02x at C1024xH14, 0.98x at C2048xH7; with the gradients accumulated into
+    1.06x at C512xH28, 1.02x at C1024xH14, 0.98x at C2048xH7 (0.99 / 1.04 / 0.96 / 0.94x in a second
+    run); with the gradients accumulated into
     leaf tensors (one add of dy fewer for the fused op) 1.20x / 1.05x / 0.97x / 0.96x. Where there
     are few pixel rows per channel the stacked GEMMs lose, so those boundaries stay unfused.
     """
