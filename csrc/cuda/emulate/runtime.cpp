@@ -474,16 +474,20 @@ void* shared_static(const void* site, const char* name, size_t bytes, size_t ali
     if (s.site == site) return s.region->data();
   }
   if (align > 64) throw std::runtime_error("rla_ext emulate: shared array alignment above 64 bytes");
-  L->static_bytes += bytes;
+  // Checked before it is counted: a declaration over the limit is never registered, so with the
+  // threaded schedule every thread of the block that reaches it before the abort would otherwise add
+  // its bytes again and report a multiple of the real size.
+  const size_t total = L->static_bytes + bytes;
   const size_t dyn = L->dynamic ? L->dynamic->bytes() : 0;
-  if (L->static_bytes > kMaxStaticSmem) {
-    throw std::runtime_error("static shared memory of " + std::to_string(L->static_bytes) +
+  if (total > kMaxStaticSmem) {
+    throw std::runtime_error("static shared memory of " + std::to_string(total) +
                              " bytes exceeds the 48 KiB limit (at '" + name + "')");
   }
-  if (L->static_bytes + dyn > kMaxSmemPerBlock) {
-    throw std::runtime_error("static (" + std::to_string(L->static_bytes) + ") + dynamic (" + std::to_string(dyn) +
+  if (total + dyn > kMaxSmemPerBlock) {
+    throw std::runtime_error("static (" + std::to_string(total) + ") + dynamic (" + std::to_string(dyn) +
                              ") shared memory exceeds 227 KiB (232448 bytes)");
   }
+  L->static_bytes = total;
   StaticArray s{site, name, std::make_unique<Region>(bytes)};
   s.region->poison();
   L->statics.push_back(std::move(s));
