@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from rla_ext.nn._bn_args import bn_args
+from rla_ext.nn._bn_args import BNArgs, bn_args
+from rla_ext.nn.blocks import bottleneck_entry
 from rla_ext.nn.sync_batchnorm import process_group_of
-from rla_ext.ops import concat_conv_bn_act, rla_update, rla_update_and_entry
+from rla_ext.ops import rla_update, rla_update_and_entry
 from rla_ext.ops._validation import check_pool_mode
 
 
@@ -43,10 +44,15 @@ def rla_step(h: Tensor, y: Tensor, conv_out: nn.Conv2d, recurrent_conv: nn.Conv2
     (H, W) = (Hh//2, Wh//2) when ``pool`` else (Hh, Wh); ``pool_mode="ceil"`` pools to
     (ceil(Hh/2), ceil(Wh/2)) instead (see ``rla_update``). Returns the new state (N, k, H, W).
     """
-    a = bn_args(bn)
+    return _update(h, y, conv_out, recurrent_conv, bn_args(bn), process_group_of(bn), pool, pool_mode, backend)
+
+
+def _update(h: Tensor, y: Tensor, conv_out: nn.Conv2d, recurrent_conv: nn.Conv2d, a: BNArgs, group: object,
+            pool: bool, pool_mode: str, backend: str | None) -> Tensor:
+    """rla_step with the BatchNorm already resolved (``a``, its process group ``group``)."""
     return rla_update(h, y, _as(conv_out.weight, y), a.weight, a.bias, a.running_mean, a.running_var,
                       _as(recurrent_conv.weight, y), pool=pool, pool_mode=pool_mode, training=a.training,
-                      momentum=a.momentum, eps=a.eps, backend=backend, process_group=process_group_of(bn))
+                      momentum=a.momentum, eps=a.eps, backend=backend, process_group=group)
 
 
 def boundary_pays(y: Tensor) -> bool:
@@ -56,9 +62,9 @@ def boundary_pays(y: Tensor) -> bool:
     Measured on 2 CPU cores (fp32, channels_last, forward+backward, RLA-ResNet-50 stage shapes, k=32,
     N=8) against the two cpp ops: the benchmark CLI (gradients by autograd.grad) 1.00x at C256xH56,
     1.06x at C512xH28, 1.02x at C1024xH14, 0.98x at C2048xH7 (0.99 / 1.04 / 0.96 / 0.94x in a second
-    run); with the gradients accumulated into
-    leaf tensors (one add of dy fewer for the fused op) 1.20x / 1.05x / 0.97x / 0.96x. Where there
-    are few pixel rows per channel the stacked GEMMs lose, so those boundaries stay unfused.
+    run); with the gradients accumulated into leaf tensors (one add of dy fewer for the fused op)
+    1.20x / 1.05x / 0.97x / 0.96x. Where there are few pixel rows per channel the stacked GEMMs lose,
+    so those boundaries stay unfused.
     """
     return y.shape[0] * y.shape[2] * y.shape[3] >= 8 * y.shape[1]
 
@@ -78,19 +84,14 @@ def rla_boundary(h: Tensor, y: Tensor, conv_out: nn.Conv2d, recurrent_conv: nn.C
     a = bn_args(bn)
     group = process_group_of(bn)
     w, e, entry_group = next_block.entry_arguments(y, next_norms)
-    w_out, w_rec = _as(conv_out.weight, y), _as(recurrent_conv.weight, y)
     if e.training != a.training or entry_group is not group:
-        h_next = rla_update(h, y, w_out, a.weight, a.bias, a.running_mean, a.running_var, w_rec, pool=pool,
-                            pool_mode=pool_mode, training=a.training, momentum=a.momentum, eps=a.eps,
-                            backend=backend, process_group=group)
-        entry = concat_conv_bn_act(y, h_next, w, e.weight, e.bias, e.running_mean, e.running_var,
-                                   training=e.training, momentum=e.momentum, eps=e.eps, activation="relu",
-                                   backend=backend, process_group=entry_group)
-        return h_next, entry
-    return rla_update_and_entry(h, y, w_out, a.weight, a.bias, a.running_mean, a.running_var, w_rec, w, e.weight,
-                                e.bias, e.running_mean, e.running_var, pool=pool, pool_mode=pool_mode,
-                                training=a.training, momentum=a.momentum, eps=a.eps, entry_momentum=e.momentum,
-                                entry_eps=e.eps, activation="relu", backend=backend, process_group=group)
+        h_next = _update(h, y, conv_out, recurrent_conv, a, group, pool, pool_mode, backend)
+        return h_next, bottleneck_entry(y, h_next, w, e, entry_group, backend)
+    return rla_update_and_entry(h, y, _as(conv_out.weight, y), a.weight, a.bias, a.running_mean, a.running_var,
+                                _as(recurrent_conv.weight, y), w, e.weight, e.bias, e.running_mean, e.running_var,
+                                pool=pool, pool_mode=pool_mode, training=a.training, momentum=a.momentum, eps=a.eps,
+                                entry_momentum=e.momentum, entry_eps=e.eps, activation="relu", backend=backend,
+                                process_group=group)
 
 
 class RLAAggregator(nn.Module):

@@ -58,6 +58,15 @@ class _RLABlock(nn.Module):
         return self.norms()[-1]
 
 
+def bottleneck_entry(x: Tensor, h: Tensor, weight: Tensor, bn: BNArgs, group: object,
+                     backend: str | None) -> Tensor:
+    """relu(bn1(conv1x1(cat(x, h)))) through ``concat_conv_bn_act``, from what
+    ``RLABottleneck.entry_arguments`` resolved (weight, bn1's arguments, its process group)."""
+    return concat_conv_bn_act(x, h, weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                              training=bn.training, momentum=bn.momentum, eps=bn.eps, activation="relu",
+                              backend=backend, process_group=group)
+
+
 class RLABottleneck(_RLABlock):
     """The RLA-ResNet bottleneck. x (N, C_in, H, W), h (N, k, H, W) -> (N, 4*planes, H/s, W/s).
 
@@ -116,12 +125,7 @@ class RLABottleneck(_RLABlock):
         block boundary, ``rla_ext.nn.rla_boundary``); h is then not read.
         """
         _, bn2, bn3 = self.norms() if norms is None else norms
-        out = entry
-        if out is None:
-            w, a, group = self.entry_arguments(x, norms)
-            out = concat_conv_bn_act(x, h, w, a.weight, a.bias, a.running_mean, a.running_var, training=a.training,
-                                     momentum=a.momentum, eps=a.eps, activation="relu", backend=self.backend,
-                                     process_group=group)
+        out = entry if entry is not None else bottleneck_entry(x, h, *self.entry_arguments(x, norms), self.backend)
         out = F.relu(bn2(self.conv2(out)))
         out = bn3(self.conv3(out))
         return self._finish(out, x)
