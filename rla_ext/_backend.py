@@ -22,9 +22,9 @@ CHOICES = BACKENDS + ("auto",)
 # Fastest first. Triton on the CPU runs through its interpreter: correct but slow, never auto.
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 # Ops whose fused kernels `auto` takes only where rla_ext/_auto_table.py says they won: the basic
-# block's 3x3 entry measured 0.79-0.94x eager at batch 8 on CIFAR shapes (1.21x at batch 128) on 2
-# CPU cores; the benchmarks time it (benchmarks/shapes.py: CIFAR_BASIC_STAGES) but the committed table has
-# no entry from such a run yet, so without an entry it runs the reference.
+# block's 3x3 entry measured 0.86-0.97x eager at batch 8 on CIFAR shapes on 2 CPU cores (the benchmarks
+# time it: benchmarks/shapes.py, CIFAR_BASIC_STAGES), so a device or size class the table has no entry
+# for (the GPU today) runs the reference.
 _REFERENCE_UNLESS_MEASURED = frozenset({"concat_conv3x3_bn_act"})
 
 

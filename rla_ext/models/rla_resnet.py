@@ -64,8 +64,9 @@ class RLAResNet(nn.Module):
             Same numbers as "floor" wherever "floor" runs; no parameter changes (checkpoints load).
         backend: rla_ext backend for every fused op in the network (None: selection in force).
         fuse_boundary: between two bottlenecks (within a stage and across stages: every boundary but
-            the last block's), run block t's RLA update and block t+1's entry as one op (``rla_ext.nn.rla_boundary``: y read once, one GEMM over y for both 1x1
-            convs). None (default): when the backend in force is "cpp" (the op's only fused kernels;
+            the last block's), run block t's RLA update and block t+1's entry as one op
+            (``rla_ext.nn.rla_boundary``: y read once, one GEMM over y for both 1x1 convs).
+            None (default): when the backend in force is "cpp" (the op's only fused kernels;
             its CUDA / Triton kernels are not written) and at shapes where that was measured faster
             (``rla_ext.nn.boundary_pays``: the large early stages); True: at every such boundary;
             False: never. Same numbers either way, up to rounding.

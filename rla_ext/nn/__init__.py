@@ -18,6 +18,6 @@ from rla_ext.nn.conv_rnn import ConvGRUCell, ConvLSTMCell
 from rla_ext.nn.early_exit import EarlyExitHead
 from rla_ext.nn.sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 
-__all__ = ["BNArgs", "bn_args", "RLAAggregator", "boundary_pays", "check_rla_convs", "rla_boundary", "rla_step", "EfficientChannelAttention",
-           "SqueezeExcite", "ConvGRUCell", "ConvLSTMCell", "RLABasicBlock", "RLABottleneck", "make_downsample",
-           "EarlyExitHead", "SyncBatchNorm2d", "convert_sync_batchnorm"]
+__all__ = ["BNArgs", "bn_args", "RLAAggregator", "boundary_pays", "check_rla_convs", "rla_boundary", "rla_step",
+           "EfficientChannelAttention", "SqueezeExcite", "ConvGRUCell", "ConvLSTMCell", "RLABasicBlock",
+           "RLABottleneck", "make_downsample", "EarlyExitHead", "SyncBatchNorm2d", "convert_sync_batchnorm"]
