@@ -1,6 +1,7 @@
-"""A per-design performance model of the two fused RLA ops (issue 13, item 1): everything here is MODELLED.
+"""A per-design performance model of the fused RLA ops (issue 13, item 1): everything here is MODELLED.
 
-For each op (concat_conv_bn_act, rla_update), pass (fwd, fwd+bwd) and design, the model lists the
+For each op (concat_conv_bn_act, rla_update, and the block boundary rla_update_and_entry that fuses an
+update with the next block's entry), pass (fwd, fwd+bwd) and design, the model lists the
 kernels the design launches, in order, each with the DRAM bytes it reads and writes, its FLOPs (on
 tensor cores or on FP32 CUDA cores) and its launches. On a named device one kernel takes
 
@@ -13,6 +14,12 @@ and a design takes the sum over its kernels (one stream: kernels run one after a
 * ``triton``: our Triton kernels in triton_kernels/*.py, plus the Python layer's launches;
 * ``floor``: compulsory traffic (benchmarks/bytes_model.py), one pass, i.e. one launch per pass, and
   every GEMM on tensor cores: what no design can beat.
+
+The block boundary's ``eager`` design is the two ops' eager kernels plus what autograd adds when y and
+h_next each feed two ops (dy and dh_next are summed from both consumers): the ``torch`` backend's
+composition. Its fused designs (and its floor) read y once each way. The network table shows each
+design with the two ops at every step and, where the design has a boundary kernel, with the boundary
+fused at the 15 boundaries of RLA-ResNet-50 (``fused boundary``).
 
 Scope: training mode (batch statistics, running-stat update), channels_last activations, k <= 64 (the
 CUDA design's direct 3x3 path); bf16/fp16 (fp32 GEMMs are taken at the TF32 rate).
@@ -60,17 +67,14 @@ import torch
 from benchmarks import bytes_model
 from benchmarks.shapes import RLA_CHANNELS, STAGES, Stage, stage_by_label
 
-OPS = ("concat_conv_bn_act", "rla_update")
+ENTRY, UPDATE, BOUNDARY = "concat_conv_bn_act", "rla_update", "rla_update_and_entry"
+OPS = (ENTRY, UPDATE, BOUNDARY)
 # Ops the benchmarks time that this model has no kernel lists for: asking to model one raises with
 # this reason, and --measured rows of one are left out with it (named in the report).
 UNMODELLED = {
     "concat_conv3x3_bn_act": "the basic block's 3x3 entry is not modelled: its fused designs run each pass as "
                              "library 3x3 convolutions (cuDNN / oneDNN), whose kernels and traffic cannot be read "
                              "from this repository's code the way the 1x1 ops' kernel lists are",
-    "rla_update_and_entry": "the block boundary is not modelled: its only fused design is the cpp kernel (no "
-                            "cuda or triton kernels to read), and its eager design is the two modelled ops, "
-                            "rla_update then concat_conv_bn_act; its compulsory traffic is "
-                            "bytes_model.rla_update_and_entry_traffic",
 }
 PASSES = bytes_model.PASSES
 DESIGNS = ("eager", "cuda", "triton", "floor")
@@ -78,6 +82,7 @@ CPU_DESIGNS = ("eager", "floor")  # the CUDA and Triton designs do not run on a 
 PROVIDER_DESIGN = {"eager": "eager", "cuda": "cuda", "triton": "triton"}  # benchmark provider -> design
 STAT_BYTES = 4  # statistics, BN partials and weight-gradient workspaces are fp32
 RESNET50_BLOCKS = (3, 4, 6, 3)  # bottlenecks per stage: 16 RLA steps
+RESNET50_STEPS = sum(RESNET50_BLOCKS)
 STEM_CHANNELS, STEM_SIZE = 64, 56  # RLA-ResNet-50's stem output at 224x224 (after the max-pool)
 
 # FP32 operations per element (see the module docstring).
@@ -196,7 +201,8 @@ class Kernel:
 class OpShape:
     """One op call, channels_last. Op A: x (n, c, size, size), h (n, k, size, size) -> (n, width, size,
     size). Op B: y (n, c, size, size), h (n, k, 2*size, 2*size) if pool else (n, k, size, size) ->
-    (n, k, size, size)."""
+    (n, k, size, size). Op C (the boundary): op B's inputs -> op B's output h_next and the entry out
+    (n, width, size, size) of op A on (y, h_next)."""
 
     n: int
     c: int
@@ -582,13 +588,54 @@ def floor_rla_update(s: OpShape, dtype: torch.dtype, dev: DeviceSpec) -> tuple[l
                   2 * s.m * s.k * s.c + 2 * s.m * s.k * s.k * 9)
 
 
+def floor_rla_update_and_entry(s: OpShape, dtype: torch.dtype,
+                               dev: DeviceSpec) -> tuple[list[Kernel], list[Kernel]]:
+    """The boundary's compulsory bytes (y read once each way; h_next and dh_next internal) in one pass."""
+    return _floor(lambda p: bytes_model.rla_update_and_entry_traffic(s.n, s.c, s.k, s.width, s.size * s.size, dtype,
+                                                                     p, pool=s.pool),
+                  2 * s.m * s.k * s.c + 2 * s.m * s.k * s.k * 9 + 2 * s.m * s.width * (s.c + s.k))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The block boundary as two ops (what every design without a boundary kernel runs)
+# ---------------------------------------------------------------------------------------------------
+
 Builder = Callable[[OpShape, torch.dtype, DeviceSpec], tuple[list[Kernel], list[Kernel]]]
+
+
+def consumer_sums(s: OpShape, dtype: torch.dtype) -> list[Kernel]:
+    """The adds autograd runs when the boundary is two ops: y feeds the update and the entry, and h_next
+    feeds the entry and the next step, so each gets its gradient summed from two tensors (a fused
+    boundary forms both sums inside its kernels)."""
+    e = _elem(dtype)
+    y, h_next = s.m * s.c * e, s.m * s.k * e
+    return _bwd([Kernel("autograd: dy = entry's + update's", read=2 * y, written=y, fp32_flops=s.m * s.c),
+                 Kernel("autograd: dh_next = entry's + next step's", read=2 * h_next, written=h_next,
+                        fp32_flops=s.m * s.k)])
+
+
+def two_op_boundary(update: Builder, entry: Builder) -> Builder:
+    """The boundary as `update` then `entry` on (y, h_next): their kernels (backward in autograd's
+    order, the entry's first) and the consumer sums."""
+    def build(s: OpShape, dtype: torch.dtype, dev: DeviceSpec) -> tuple[list[Kernel], list[Kernel]]:
+        uf, ub = update(s, dtype, dev)
+        ef, eb = entry(s, dtype, dev)
+        return uf + ef, eb + ub + consumer_sums(s, dtype)
+    return build
+
+
 BUILDERS: dict[str, dict[str, Builder]] = {
-    "eager": {"concat_conv_bn_act": eager_concat_conv_bn_act, "rla_update": eager_rla_update},
-    "cuda": {"concat_conv_bn_act": cuda_concat_conv_bn_act, "rla_update": cuda_rla_update},
-    "triton": {"concat_conv_bn_act": triton_concat_conv_bn_act, "rla_update": triton_rla_update},
-    "floor": {"concat_conv_bn_act": floor_concat_conv_bn_act, "rla_update": floor_rla_update},
+    "eager": {ENTRY: eager_concat_conv_bn_act, UPDATE: eager_rla_update,
+              BOUNDARY: two_op_boundary(eager_rla_update, eager_concat_conv_bn_act)},
+    "cuda": {ENTRY: cuda_concat_conv_bn_act, UPDATE: cuda_rla_update},
+    "triton": {ENTRY: triton_concat_conv_bn_act, UPDATE: triton_rla_update},
+    "floor": {ENTRY: floor_concat_conv_bn_act, UPDATE: floor_rla_update, BOUNDARY: floor_rla_update_and_entry},
 }
+
+
+def has_design(op: str, design: str) -> bool:
+    """Whether `design` has a kernel list for `op` (every design has the two single ops)."""
+    return op in BUILDERS.get(design, {})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -627,6 +674,8 @@ def op_kernels(op: str, design: str, shape: OpShape, dtype: torch.dtype, dev: De
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
     if design not in BUILDERS:
         raise ValueError(f"design: expected one of {DESIGNS}, got {design!r}")
+    if not has_design(op, design):
+        raise ValueError(f"design {design!r} has no {op} kernels to model")
     fwd, bwd = BUILDERS[design][op](shape, dtype, dev)
     return tuple(fwd) if pass_ == "fwd" else tuple(fwd + bwd)
 
@@ -690,10 +739,12 @@ def designs_for(dev: DeviceSpec) -> tuple[str, ...]:
 def model_ops(dev: DeviceSpec, batch: int = 256, dtype: torch.dtype = torch.bfloat16,
               stages: Sequence[Stage] = STAGES, ops: Sequence[str] = OPS, passes: Sequence[str] = PASSES,
               designs: Sequence[str] | None = None) -> list[OpRow]:
-    """Every (op, pass, stage shape, design) at `batch`, in the benchmarks' shapes."""
+    """Every (op, pass, stage shape, design) at `batch`, in the benchmarks' shapes (the boundary at a
+    stage shape: y of the stage, the next block's entry of the stage's width), less the designs without
+    kernels for an op."""
     designs = designs_for(dev) if designs is None else tuple(designs)
     return [model_op(op, pass_, OpShape.from_stage(stage, batch), design, dev, dtype)
-            for op in ops for pass_ in passes for stage in stages for design in designs]
+            for op in ops for pass_ in passes for stage in stages for design in designs if has_design(op, design)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -720,9 +771,21 @@ def rla_resnet50_steps(batch: int, k: int = RLA_CHANNELS) -> tuple[tuple[OpShape
     return tuple(steps)
 
 
+def rla_resnet50_boundaries(batch: int, k: int = RLA_CHANNELS) -> tuple[OpShape, ...]:
+    """The 15 block boundaries of RLA-ResNet-50: block t's update (on y = block t's output) with block
+    t + 1's entry (on the same y, at its own width), for t = 0..14."""
+    steps = rla_resnet50_steps(batch, k)
+    out = []
+    for (_, update), (entry, _) in zip(steps, steps[1:]):
+        assert (entry.c, entry.size) == (update.c, update.size)
+        out.append(replace(update, width=entry.width, label=f"{update.label} -> {entry.label}"))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class NetworkRow:
-    """One design over all RLA steps of the network (both ops, one pass each)."""
+    """One design over all RLA steps of the network (both ops, one pass each); `boundary`: the 15 block
+    boundaries run as the design's fused boundary op, else as two ops each (plus autograd's sums)."""
 
     design: str
     device: str
@@ -732,24 +795,48 @@ class NetworkRow:
     steps: int
     time_ms: float
     launches: int
+    boundary: bool = False
 
     @property
     def launches_per_step(self) -> float:
         return self.launches / self.steps
 
+    @property
+    def label(self) -> str:
+        return f"{self.design}, fused boundary" if self.boundary else self.design
+
+
+def network_calls(batch: int, boundary: bool, k: int = RLA_CHANNELS) -> list[tuple[str, OpShape]]:
+    """The op calls of one RLA-ResNet-50 pass: (op, shape) per call, in order. Two ops per step; with
+    `boundary`, block 0's entry, the 15 boundaries and block 15's update."""
+    steps = rla_resnet50_steps(batch, k)
+    if boundary:
+        return ([(ENTRY, steps[0][0])] + [(BOUNDARY, b) for b in rla_resnet50_boundaries(batch, k)]
+                + [(UPDATE, steps[-1][1])])
+    return [(op, shape) for entry, update in steps for op, shape in ((ENTRY, entry), (UPDATE, update))]
+
 
 def model_network(dev: DeviceSpec, batch: int = 256, dtype: torch.dtype = torch.bfloat16, pass_: str = "fwd+bwd",
                   designs: Sequence[str] | None = None) -> list[NetworkRow]:
-    """The RLA ops of RLA-ResNet-50 (16 steps, both ops) per design: the sum of their op rows."""
+    """The RLA ops of RLA-ResNet-50 (16 steps, both ops) per design: the sum of their op rows. Each design
+    once with two ops per step (autograd's sums of dy and dh_next at the 15 boundaries included in the
+    backward) and, when it has a fused boundary kernel other than its two-op composition (not eager),
+    once with the boundaries fused."""
     designs = designs_for(dev) if designs is None else tuple(designs)
-    steps = rla_resnet50_steps(batch)
     rows = []
     for design in designs:
-        ops = [model_op(op, pass_, shape, design, dev, dtype)
-               for entry, update in steps for op, shape in zip(OPS, (entry, update))]
-        rows.append(NetworkRow(design=design, device=dev.key, batch=batch, dtype=_dtype_name(dtype), pass_=pass_,
-                               steps=len(steps), time_ms=sum(r.time_ms for r in ops),
-                               launches=sum(r.launches for r in ops)))
+        for boundary in (False, True):
+            if boundary and (design == "eager" or not has_design(BOUNDARY, design)):
+                continue
+            calls = [model_op(op, pass_, shape, design, dev, dtype) for op, shape in network_calls(batch, boundary)]
+            time_ms = sum(r.time_ms for r in calls)
+            launches = sum(r.launches for r in calls)
+            if not boundary and pass_ == "fwd+bwd":
+                sums = [kn for b in rla_resnet50_boundaries(batch) for kn in consumer_sums(b, dtype)]
+                time_ms += sum(_time_ms(sums, dev, dtype))
+                launches += sum(kn.launches for kn in sums)
+            rows.append(NetworkRow(design=design, device=dev.key, batch=batch, dtype=_dtype_name(dtype), pass_=pass_,
+                                   steps=RESNET50_STEPS, time_ms=time_ms, launches=launches, boundary=boundary))
     return rows
 
 
@@ -816,7 +903,7 @@ def join_measured(results: dict[str, Any], dev: DeviceSpec) -> list[MeasuredRow]
             continue
         shape = OpShape.from_stage(stage, batch, k=int(r.get("k", RLA_CHANNELS)))
         design = PROVIDER_DESIGN.get(r["provider"])
-        if design is not None and design not in designs_for(dev):
+        if design is not None and (design not in designs_for(dev) or not has_design(r["op"], design)):
             design = None
         floor = model_op(r["op"], r["pass"], shape, "floor", dev, dtype)
         modelled = None if design is None else model_op(r["op"], r["pass"], shape, design, dev, dtype).time_ms
@@ -849,10 +936,11 @@ def format_device(dev: DeviceSpec, dtype: torch.dtype) -> str:
 
 
 def format_network(rows: Sequence[NetworkRow]) -> str:
-    """design | modelled ms | vs eager | x floor | launches per RLA step."""
-    by = {r.design: r for r in rows}
-    eager, floor = by.get("eager"), by.get("floor")
-    table = [[r.design, _f(r.time_ms, 2),
+    """design | modelled ms | vs eager | x floor | launches per RLA step; the floor is the lowest floor row
+    (the fused boundary's when present)."""
+    eager = next((r for r in rows if r.design == "eager" and not r.boundary), None)
+    floor = min((r for r in rows if r.design == "floor"), key=lambda r: r.time_ms, default=None)
+    table = [[r.label, _f(r.time_ms, 2),
               _f(r.time_ms / eager.time_ms, 2) if eager else "",
               _f(r.time_ms / floor.time_ms, 2) if floor else "",
               f"{r.launches_per_step:.1f}"] for r in rows]
@@ -950,7 +1038,8 @@ def report(args: argparse.Namespace) -> str:
         out += ["", f"## Kernels at {shape.label}, batch {args.batch}, fwd+bwd (modelled)"]
         for op in OPS:
             for design in designs_for(dev):
-                out += ["", format_kernels(model_op(op, "fwd+bwd", shape, design, dev, dtype), dev, dtype)]
+                if has_design(op, design):
+                    out += ["", format_kernels(model_op(op, "fwd+bwd", shape, design, dev, dtype), dev, dtype)]
     if results is not None:
         where = f"{results.get('device_name', '?')}, {results.get('date', '?')}, commit " \
                 f"{str(results.get('git_commit', '?'))[:12]}"

@@ -125,8 +125,13 @@ def test_floor_is_never_above_a_design(dev):
             assert row.launches >= floor.launches, row
     for shape_a, shape_b in pm.rla_resnet50_steps(8):  # first blocks: other channels, pooling
         for design in pm.designs_for(dev):
-            for op, shape in zip(pm.OPS, (shape_a, shape_b)):
+            for op, shape in ((pm.ENTRY, shape_a), (pm.UPDATE, shape_b)):
                 row = pm.model_op(op, "fwd+bwd", shape, design, dev)
+                assert row.time_ms >= row.floor_ms * (1 - 1e-12), row
+    for shape in pm.rla_resnet50_boundaries(8):  # stage transitions: pooling, another entry width
+        for design in pm.designs_for(dev):
+            if pm.has_design(pm.BOUNDARY, design):
+                row = pm.model_op(pm.BOUNDARY, "fwd+bwd", shape, design, dev)
                 assert row.time_ms >= row.floor_ms * (1 - 1e-12), row
 
 
@@ -143,15 +148,64 @@ def test_rla_resnet50_steps():
 
 
 def test_network_is_the_sum_of_its_op_rows():
-    rows = {r.design: r for r in pm.model_network(pm.H100, batch=4)}
-    assert set(rows) == set(pm.DESIGNS)
+    rows = {r.label: r for r in pm.model_network(pm.H100, batch=4)}
+    assert set(rows) == set(pm.DESIGNS) | {"floor, fused boundary"}
     steps = pm.rla_resnet50_steps(4)
-    ops = [pm.model_op(op, "fwd+bwd", shape, "cuda", pm.H100) for a, b in steps for op, shape in zip(pm.OPS, (a, b))]
-    assert rows["cuda"].time_ms == pytest.approx(sum(r.time_ms for r in ops))
-    assert rows["cuda"].launches == sum(r.launches for r in ops)
+    ops = [pm.model_op(op, "fwd+bwd", shape, "cuda", pm.H100) for a, b in steps
+           for op, shape in ((pm.ENTRY, a), (pm.UPDATE, b))]
+    # Two ops per step: autograd sums dy and dh_next at each of the 15 boundaries.
+    sums = [kn for b in pm.rla_resnet50_boundaries(4) for kn in pm.consumer_sums(b, torch.bfloat16)]
+    assert len(sums) == 30
+    assert rows["cuda"].time_ms == pytest.approx(sum(r.time_ms for r in ops)
+                                                 + sum(pm.kernel_time_ms(kn, pm.H100, torch.bfloat16) for kn in sums))
+    assert rows["cuda"].launches == sum(r.launches for r in ops) + 30
     assert rows["cuda"].launches_per_step == rows["cuda"].launches / 16
-    assert rows["floor"].launches_per_step == 4  # one launch per pass and op
-    assert [r.design for r in pm.model_network(pm.cpu_device(), batch=4)] == list(pm.CPU_DESIGNS)
+    assert rows["floor"].launches == 4 * 16 + 30  # one launch per pass and op, and the sums
+    fused = rows["floor, fused boundary"]
+    calls = pm.network_calls(4, boundary=True)
+    assert [op for op, _ in calls] == [pm.ENTRY] + [pm.BOUNDARY] * 15 + [pm.UPDATE]
+    assert fused.launches == 2 * 17
+    assert fused.time_ms == pytest.approx(sum(pm.model_op(op, "fwd+bwd", shape, "floor", pm.H100).time_ms
+                                              for op, shape in calls))
+    assert fused.time_ms < rows["floor"].time_ms
+    labels = [r.label for r in pm.model_network(pm.cpu_device(), batch=4)]
+    assert labels == [*pm.CPU_DESIGNS, "floor, fused boundary"]
+
+
+def test_boundaries_of_rla_resnet50():
+    bounds = pm.rla_resnet50_boundaries(256)
+    steps = pm.rla_resnet50_steps(256)
+    assert len(bounds) == 15
+    for t, b in enumerate(bounds):
+        update, entry = steps[t][1], steps[t + 1][0]
+        assert (b.c, b.size, b.pool, b.width) == (update.c, update.size, update.pool, entry.width)
+    # Into stage 2: y is stage 1's output (256 x 56x56), the next entry is stage 2's conv1 (width 128).
+    assert (bounds[2].c, bounds[2].size, bounds[2].width, bounds[2].pool) == (256, 56, 128, False)
+    # Stage 2's first update pools h; its boundary's entry is stage 2's second block.
+    assert (bounds[3].c, bounds[3].size, bounds[3].width, bounds[3].pool) == (512, 28, 128, True)
+    assert sum(b.pool for b in bounds) == 3
+
+
+def test_boundary_eager_is_the_two_ops_and_autograd_sums():
+    shape = pm.OpShape(n=4, c=512, size=28, width=128, k=32, pool=True)
+    row = pm.model_op(pm.BOUNDARY, "fwd+bwd", shape, "eager", pm.H100)
+    uf, ub = pm.eager_rla_update(shape, torch.bfloat16, pm.H100)
+    ef, eb = pm.eager_concat_conv_bn_act(shape, torch.bfloat16, pm.H100)
+    assert list(row.kernels) == uf + ef + eb + ub + pm.consumer_sums(shape, torch.bfloat16)
+    y = 4 * 28 * 28 * 512 * 2
+    assert pm.consumer_sums(shape, torch.bfloat16)[0].bytes == 3 * y
+    assert pm.model_op(pm.BOUNDARY, "fwd", shape, "eager", pm.H100).kernels == tuple(uf + ef)
+
+
+def test_boundary_floor_is_its_bytes_model():
+    shape = pm.OpShape(n=2, c=1024, size=14, width=256, k=32, pool=True)
+    for pass_ in pm.PASSES:
+        row = pm.model_op(pm.BOUNDARY, pass_, shape, "floor", pm.H100)
+        traffic = bytes_model.rla_update_and_entry_traffic(2, 1024, 32, 256, 14 * 14, torch.bfloat16, pass_,
+                                                           pool=True)
+        assert (row.read, row.written) == (traffic.read, traffic.written)
+    gemms = 2 * shape.m * (32 * 1024 + 9 * 32 * 32 + 256 * (1024 + 32))
+    assert row.tensor_flops == 3 * gemms
 
 
 def test_triton_rereads_reach_dram_only_beyond_l2():
