@@ -458,6 +458,74 @@ def cuda_rla_update(s: OpShape, dtype: torch.dtype, dev: DeviceSpec) -> tuple[li
     return fwd, _bwd(bwd)
 
 
+def cuda_rla_update_and_entry(s: OpShape, dtype: torch.dtype, dev: DeviceSpec) -> tuple[list[Kernel], list[Kernel]]:
+    """csrc/cuda/rla_update_and_entry.cu. Forward: the stacked weight (cat), ONE cuBLAS GEMM over y into
+    P (Ce + k channels, fp32); the update tail reads P[Ce:] in place (statistics pass with pool(h),
+    finalize, direct 3x3 with tanh(bn) on load); the entry's statistics pass reads P[:Ce] in place and
+    adds W_entry[:, C:] h_next per element; finalize; normalise + relu. Backward: the entry's BN backward,
+    go_u = dz.W_h (cuBLAS) + grad_h_next, dW_h, the update tail's backward, dP = [dz ; ds] copied side
+    by side, ONE dgrad GEMM into y and ONE weight-gradient GEMM over y with the stacked weight."""
+    _check_cuda_k(s.k)
+    e, m, c, k, y, st, hin, wo, wr, g1, g3 = _update_sizes(s, dtype)
+    co = s.width
+    z, ws = m * co * e, (co + k) * c * e
+    pc, pk = m * co * STAT_BYTES, m * k * STAT_BYTES  # P's entry and update columns, fp32
+    ve, vk = co * STAT_BYTES, k * STAT_BYTES
+    ch_e, ch_k = cuda_reduce_chunks(co, m), cuda_reduce_chunks(k, m)
+    pixels, halo = cuda_direct_conv_work(s.n, k, s.size)
+    direct = 2 * pixels * _cdiv(k, CUDA_CONV_OC_PER_THREAD) * CUDA_CONV_OC_PER_THREAD * k * 9
+    stacked = Kernel("stacked weight [W_entry[:, :C] ; W_out] (cat)", read=ws, written=ws)
+    fwd = [
+        stacked,
+        Kernel("ONE GEMM P = y.stacked^T -> fp32 (cuBLAS)", read=y + ws, written=pc + pk,
+               tensor_flops=2 * m * (co + k) * c),
+        Kernel("stats: s = pool(h) + P[Ce:], Welford partials", read=pk + hin, written=st + ch_k * k * 3 * STAT_BYTES,
+               fp32_flops=m * k * (WELFORD_OPS + (4 if s.pool else 1))),
+        Kernel("stats finalize (+ BN params)", read=ch_k * k * 3 * STAT_BYTES + 2 * vk, written=6 * vk),
+        Kernel("direct conv3x3, tanh(bn(s)) on load (FP32 cores)", read=st + wr, written=st,
+               fp32_flops=direct + halo * (BN_OPS + TANH_OPS)),
+        _running_stats(k),
+        Kernel("stats: z = round(P[:Ce] + Wh.h_next), Welford partials", read=pc + st + co * k * e,
+               written=z + ch_e * co * 3 * STAT_BYTES, fp32_flops=m * co * (2 * k + WELFORD_OPS)),
+        Kernel("stats finalize (+ BN params)", read=ch_e * co * 3 * STAT_BYTES + 2 * ve, written=6 * ve),
+        Kernel("normalise + relu", read=z + 4 * ve, written=z, fp32_flops=m * co * (BN_OPS + RELU_OPS)),
+        _running_stats(co),
+    ]
+    bwd = [
+        Kernel("entry: bn params from saved stats", read=4 * ve, written=4 * ve),
+        Kernel("entry: bn backward partials", read=2 * z, written=ch_e * co * 2 * STAT_BYTES,
+               fp32_flops=m * co * (BN_OPS + RELU_OPS + BN_BWD_SUM_OPS)),
+        Kernel("entry: bn backward finalize", read=ch_e * co * 2 * STAT_BYTES, written=2 * ve),
+        Kernel("entry: bn input gradient -> dz", read=2 * z + 6 * ve, written=z,
+               fp32_flops=m * co * (BN_OPS + RELU_OPS + BN_BWD_ELEM_OPS)),
+        Kernel("dgrad dz.Wh -> entry's dh_next (cuBLAS)", read=z + co * k * e, written=st,
+               tensor_flops=2 * m * co * k),
+        _library_wgrad("wgrad dWh = dz^T.h_next (cuBLAS)", read=z + st, out_elems=co * k, e=e, flops=2 * m * co * k),
+        Kernel("go_u = entry's dh_next + grad_h_next (add_)", read=2 * st, written=st, fp32_flops=m * k),
+        Kernel("bn params from saved stats", read=4 * vk, written=4 * vk),
+        Kernel("a = tanh(bn(s)) recomputed", read=st + 4 * vk, written=st, fp32_flops=m * k * (BN_OPS + TANH_OPS)),
+        Kernel("direct conv3x3 transposed -> da (FP32 cores)", read=st + wr, written=st, fp32_flops=direct),
+        _library_wgrad("conv3x3 wgrad (cuDNN convolution_backward)", read=2 * st, out_elems=9 * k * k, e=e,
+                       flops=g3),
+        Kernel("bn backward partials (tanh')", read=2 * st, written=ch_k * k * 2 * STAT_BYTES,
+               fp32_flops=m * k * (BN_OPS + TANH_OPS + BN_BWD_SUM_OPS)),
+        Kernel("bn backward finalize", read=ch_k * k * 2 * STAT_BYTES, written=2 * vk),
+        Kernel("bn input gradient (tanh') -> ds", read=2 * st + 6 * vk, written=st,
+               fp32_flops=m * k * (BN_OPS + TANH_OPS + BN_BWD_ELEM_OPS)),
+    ]
+    if s.pool:
+        bwd.append(Kernel("pool backward -> dh", read=st, written=hin))
+    bwd += [
+        Kernel("dP = [dz ; ds] (two copies)", read=z + st, written=z + st, launches=2),
+        stacked,
+        Kernel("ONE dgrad dy = dP.stacked (cuBLAS)", read=z + st + ws, written=y, tensor_flops=2 * m * (co + k) * c),
+        _library_wgrad("ONE wgrad dP^T.y (cuBLAS)", read=z + st + y, out_elems=(co + k) * c, e=e,
+                       flops=2 * m * (co + k) * c),
+        Kernel("dW_entry[:, :C], dW_out out of the stacked gradient (copies)", read=ws, written=ws, launches=2),
+    ]
+    return fwd, _bwd(bwd)
+
+
 # ---------------------------------------------------------------------------------------------------
 # triton: triton_kernels/concat_conv_bn_act.py, rla_update.py, gemm.py, batchnorm.py
 # ---------------------------------------------------------------------------------------------------
@@ -564,6 +632,80 @@ def triton_rla_update(s: OpShape, dtype: torch.dtype, dev: DeviceSpec) -> tuple[
     return fwd, _bwd(bwd)
 
 
+def triton_rla_update_and_entry(s: OpShape, dtype: torch.dtype,
+                                dev: DeviceSpec) -> tuple[list[Kernel], list[Kernel]]:
+    """triton_kernels/rla_update_and_entry.py. Forward: the stacked weight (torch.cat); ONE state GEMM over
+    y whose epilogue stores the entry's Ce columns unrounded (zx, fp32) and the update's k columns as
+    s = pool(h) + t with BN partials; the update tail (finalize, 3x3 implicit GEMM); op A's GEMM with its
+    accumulator started from zx, reducing over h_next's k channels, writing z and partials; finalize;
+    normalise + relu. Backward: the entry's BN sums; go_u = dz.Wh (dz rebuilt on load) then += grad_h_next;
+    dWh; the update tail's backward and the dh pass; dP = [dz ; ds] stored by two dz passes; ONE dgrad
+    GEMM into y and ONE weight-gradient GEMM over y (dP materialised)."""
+    e, m, c, k, y, st, hin, wo, wr, g1, g3 = _update_sizes(s, dtype)
+    co = s.width
+    z, ws, zx = m * co * e, (co + k) * c * e, m * co * STAT_BYTES
+    ve, vk = co * STAT_BYTES, k * STAT_BYTES
+    part_e, part_k = 2 * _cdiv(m, TRITON_STAT_ROWS) * co * STAT_BYTES, 2 * _cdiv(m, TRITON_STAT_ROWS) * k * STAT_BYTES
+    state_sweeps = _cdiv(co + k, TRITON_STATE_BLOCK_N)
+    entry_sweeps = _cdiv(co, TRITON_GEMM_BLOCK_N)
+    conv_cols = _cdiv(k, TRITON_CONV3X3_BLOCK_N)
+    dgrad_sweeps = _cdiv(c, TRITON_DGRAD_BLOCK_N)
+    splits_h = triton_splits(m, _cdiv(co, 64) * _cdiv(k, 64), dev)
+    splits_y = triton_splits(m, _cdiv(co + k, 64) * _cdiv(c, 64), dev)
+    splits3 = triton_splits(m, 9 * _cdiv(k, TRITON_WGRAD3X3_BLOCK) ** 2, dev)
+    stacked = Kernel("stacked weight [W_entry[:, :C] ; W_out] (torch.cat)", read=ws, written=ws)
+    fwd = [
+        stacked,
+        Kernel("ONE GEMM y.stacked^T: zx (fp32) | s = pool(h) + t, BN partials",
+               read=_rereads(y, state_sweeps, _cdiv(m, TRITON_STAT_ROWS), dev) + hin + ws,
+               written=zx + st + part_k, tensor_flops=2 * m * (co + k) * c,
+               fp32_flops=m * k * (4 + (4 if s.pool else 1)), note=f"{state_sweeps} column sweeps over y"),
+        Kernel("finalize statistics", read=part_k, written=2 * vk),
+        Kernel("conv3x3 implicit GEMM, tanh(bn(s)) per tap", read=st + wr, written=st, tensor_flops=g3,
+               fp32_flops=9 * m * k * conv_cols * (BN_OPS + TANH_OPS)),
+        _running_stats(k),
+        Kernel("W_entry[:, C:] (contiguous copy)", read=co * k * e, written=co * k * e),
+        Kernel("GEMM zx + h_next.Wh^T -> z, BN partials",
+               read=zx + _rereads(st, entry_sweeps, _cdiv(m, TRITON_STAT_ROWS), dev) + co * k * e,
+               written=z + part_e, tensor_flops=2 * m * co * k, fp32_flops=m * co * 4),
+        Kernel("finalize statistics", read=part_e, written=2 * ve),
+        Kernel("normalise + relu", read=z + 4 * ve, written=z, fp32_flops=m * co * (BN_OPS + RELU_OPS + 1)),
+        _running_stats(co),
+    ]
+    bwd = [
+        Kernel("entry: BN backward partials (relu mask)", read=2 * z, written=part_e,
+               fp32_flops=m * co * (BN_OPS + RELU_OPS + BN_BWD_SUM_OPS)),
+        Kernel("entry: finalize sums", read=part_e, written=2 * ve),
+        Kernel("dgrad dz.Wh -> go_u, dz rebuilt on load", read=2 * z + co * k * e, written=st,
+               tensor_flops=2 * m * co * k, fp32_flops=m * co * LOAD_DZ_OPS),
+        Kernel("go_u += grad_h_next", read=2 * st, written=st, fp32_flops=m * k),
+        Kernel("wgrad dz^T.h_next, split over pixels", read=2 * z + st, written=splits_h * co * k * STAT_BYTES,
+               tensor_flops=2 * m * co * k, fp32_flops=m * co * LOAD_DZ_OPS, note=f"{splits_h} splits"),
+        *_triton_wgrad_reduce("wgrad Wh", splits_h, co * k, e),
+        Kernel("conv3x3^T implicit GEMM -> g = da*tanh', grad partials", read=2 * st + wr, written=st + part_k,
+               tensor_flops=g3, fp32_flops=m * k * (BN_OPS + TANH_OPS + BN_BWD_SUM_OPS + 3)),
+        Kernel("finalize sums", read=part_k, written=2 * vk),
+        Kernel("wgrad3x3 (9 taps), split over pixels, tanh(bn(s)) per tap", read=2 * st,
+               written=splits3 * 9 * k * k * STAT_BYTES, tensor_flops=g3,
+               fp32_flops=9 * m * k * _cdiv(k, TRITON_WGRAD3X3_BLOCK) * (BN_OPS + TANH_OPS),
+               note=f"{splits3} splits"),
+        *_triton_wgrad_reduce("wgrad3x3", splits3, 9 * k * k, e),
+        Kernel("dh = dz (un-pooled), dz rebuilt", read=2 * st, written=hin, fp32_flops=m * k * LOAD_DZ_OPS),
+        Kernel("dP[:, :Ce] = dz (rebuilt from grad_out, z)", read=2 * z, written=z, fp32_flops=m * co * LOAD_DZ_OPS),
+        Kernel("dP[:, Ce:] = ds (rebuilt from g, s)", read=2 * st, written=st, fp32_flops=m * k * LOAD_DZ_OPS),
+        stacked,
+        Kernel("ONE dgrad dP.stacked -> dy",
+               read=_rereads(z + st, dgrad_sweeps, _cdiv(m, TRITON_DGRAD_BLOCK_M), dev) + ws, written=y,
+               tensor_flops=2 * m * (co + k) * c, note=f"{dgrad_sweeps} column sweeps over dP"),
+        Kernel("ONE wgrad dP^T.y, split over pixels", read=z + st + y, written=splits_y * (co + k) * c * STAT_BYTES,
+               tensor_flops=2 * m * (co + k) * c, note=f"{splits_y} splits"),
+        *_triton_wgrad_reduce("wgrad stacked", splits_y, (co + k) * c, e),
+        Kernel("dW_entry = cat(dW[:Ce], dWh), dW_out (copies)", read=ws + co * k * e, written=ws + co * k * e,
+               launches=2),
+    ]
+    return fwd, _bwd(bwd)
+
+
 # ---------------------------------------------------------------------------------------------------
 # floor: compulsory traffic, one pass per pass, tensor cores
 # ---------------------------------------------------------------------------------------------------
@@ -627,8 +769,8 @@ def two_op_boundary(update: Builder, entry: Builder) -> Builder:
 BUILDERS: dict[str, dict[str, Builder]] = {
     "eager": {ENTRY: eager_concat_conv_bn_act, UPDATE: eager_rla_update,
               BOUNDARY: two_op_boundary(eager_rla_update, eager_concat_conv_bn_act)},
-    "cuda": {ENTRY: cuda_concat_conv_bn_act, UPDATE: cuda_rla_update},
-    "triton": {ENTRY: triton_concat_conv_bn_act, UPDATE: triton_rla_update},
+    "cuda": {ENTRY: cuda_concat_conv_bn_act, UPDATE: cuda_rla_update, BOUNDARY: cuda_rla_update_and_entry},
+    "triton": {ENTRY: triton_concat_conv_bn_act, UPDATE: triton_rla_update, BOUNDARY: triton_rla_update_and_entry},
     "floor": {ENTRY: floor_concat_conv_bn_act, UPDATE: floor_rla_update, BOUNDARY: floor_rla_update_and_entry},
 }
 

@@ -149,7 +149,7 @@ def test_rla_resnet50_steps():
 
 def test_network_is_the_sum_of_its_op_rows():
     rows = {r.label: r for r in pm.model_network(pm.H100, batch=4)}
-    assert set(rows) == set(pm.DESIGNS) | {"floor, fused boundary"}
+    assert set(rows) == set(pm.DESIGNS) | {f"{d}, fused boundary" for d in ("cuda", "triton", "floor")}
     steps = pm.rla_resnet50_steps(4)
     ops = [pm.model_op(op, "fwd+bwd", shape, "cuda", pm.H100) for a, b in steps
            for op, shape in ((pm.ENTRY, a), (pm.UPDATE, b))]
@@ -168,6 +168,9 @@ def test_network_is_the_sum_of_its_op_rows():
     assert fused.time_ms == pytest.approx(sum(pm.model_op(op, "fwd+bwd", shape, "floor", pm.H100).time_ms
                                               for op, shape in calls))
     assert fused.time_ms < rows["floor"].time_ms
+    # Memory-bound at batch 256, reading y once each way pays for the CUDA boundary kernel.
+    big = {r.label: r for r in pm.model_network(pm.H100, batch=256, designs=["cuda"])}
+    assert big["cuda, fused boundary"].time_ms < big["cuda"].time_ms
     labels = [r.label for r in pm.model_network(pm.cpu_device(), batch=4)]
     assert labels == [*pm.CPU_DESIGNS, "floor, fused boundary"]
 
@@ -195,6 +198,24 @@ def test_boundary_eager_is_the_two_ops_and_autograd_sums():
     y = 4 * 28 * 28 * 512 * 2
     assert pm.consumer_sums(shape, torch.bfloat16)[0].bytes == 3 * y
     assert pm.model_op(pm.BOUNDARY, "fwd", shape, "eager", pm.H100).kernels == tuple(uf + ef)
+
+
+@pytest.mark.parametrize("design", ["cuda", "triton"])
+def test_fused_boundary_reads_y_once_each_way(design):
+    """The cuda and triton boundary kernels: one GEMM over y forward (the stacked weight's Ce + k
+    columns), one dgrad into y and one weight gradient over y backward; y is never written forward, dy
+    once backward; less traffic than the same design's two ops plus autograd's sums."""
+    shape = pm.OpShape(n=8, c=512, size=28, width=128, k=32, pool=True)
+    dt = torch.bfloat16
+    fwd, bwd = pm.BUILDERS[design][pm.BOUNDARY](shape, dt, pm.H100)
+    y = shape.m * shape.c * 2
+    gemm_y = 2 * shape.m * (shape.width + shape.k) * shape.c
+    assert [kn.tensor_flops for kn in fwd if kn.tensor_flops >= gemm_y] == [gemm_y]
+    assert [kn.tensor_flops for kn in bwd if kn.tensor_flops >= gemm_y] == [gemm_y, gemm_y]
+    assert sum(kn.written for kn in bwd if kn.written >= y) == y
+    fused = pm.model_op(pm.BOUNDARY, "fwd+bwd", shape, design, pm.H100, dt)
+    two = pm.two_op_boundary(pm.BUILDERS[design][pm.UPDATE], pm.BUILDERS[design][pm.ENTRY])(shape, dt, pm.H100)
+    assert fused.read + fused.written < sum(kn.bytes for kn in two[0] + two[1])
 
 
 def test_boundary_floor_is_its_bytes_model():
