@@ -30,7 +30,8 @@ SOURCE_DIR = ROOT / "csrc" / "cuda"
 # The emulator itself (always from this repository's csrc/cuda/emulate/) and the kernel translation
 # units (one wrapper per .cu file, taken from the kernel source folder being emulated).
 EMULATOR_SOURCES = ("emulate/runtime.cpp", "emulate/module.cpp", "emulate/selftest.cpp")
-KERNEL_SOURCES = ("emulate/concat_conv_bn_act.cpp", "emulate/concat_conv3x3_bn_act.cpp", "emulate/rla_update.cpp")
+KERNEL_SOURCES = ("emulate/concat_conv_bn_act.cpp", "emulate/concat_conv3x3_bn_act.cpp", "emulate/rla_update.cpp",
+                  "emulate/rla_update_and_entry.cpp")
 MODULE_NAME = "rla_ext_cuda_emulated"  # the same in every variant: a fresh variant starts from a copy
                                        # of the default build and recompiles only the kernels that differ
 SCHEDULES = ("inorder", "shuffled", "threaded")
