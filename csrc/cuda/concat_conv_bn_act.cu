@@ -5,8 +5,8 @@
 // the x-part (channels_last as an (N*H*W, C) row-major GEMM, NCHW as a batched GEMM over images) and
 // leaves it UNROUNDED in the accumulation dtype (float for half types); the k-channel h-part is added
 // per element (ConcatZ, concat_z.cuh, shared with the block boundary) and z is rounded to T once, as a
-// single GEMM over cat(x, h) would round it. That step
-// is fused into the BatchNorm statistics pass (training) or is one elementwise pass (eval). After it,
+// single GEMM over cat(x, h) would round it. That step is fused into the BatchNorm statistics pass
+// (training) or is one elementwise pass (eval). After it,
 // the shared BatchNorm machinery of batchnorm.cuh: one normalise+activation pass forward; one fused
 // activation+BatchNorm reduction and one elementwise pass backward.
 #include <ATen/ATen.h>
