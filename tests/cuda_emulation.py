@@ -30,7 +30,8 @@ SOURCE_DIR = ROOT / "csrc" / "cuda"
 # The emulator itself (always from this repository's csrc/cuda/emulate/) and the kernel translation
 # units (one wrapper per .cu file, taken from the kernel source folder being emulated).
 EMULATOR_SOURCES = ("emulate/runtime.cpp", "emulate/module.cpp", "emulate/selftest.cpp")
-KERNEL_SOURCES = ("emulate/concat_conv_bn_act.cpp", "emulate/concat_conv3x3_bn_act.cpp", "emulate/rla_update.cpp")
+KERNEL_SOURCES = ("emulate/concat_conv_bn_act.cpp", "emulate/concat_conv3x3_bn_act.cpp", "emulate/rla_update.cpp",
+                  "emulate/rla_update_and_entry.cpp")
 MODULE_NAME = "rla_ext_cuda_emulated"  # the same in every variant: a fresh variant starts from a copy
                                        # of the default build and recompiles only the kernels that differ
 SCHEDULES = ("inorder", "shuffled", "threaded")
@@ -143,6 +144,8 @@ def probe_in_subprocess(src: Path, variant: str, sanitize: bool = False, timeout
 # schedules; small enough to run in a few seconds per build (the mutation tests run them per mutant).
 PROBE_CCBA = [(3, 40, 5, 37, (9, 7)), (5, 48, 8, 40, (13, 17))]
 PROBE_UPDATE = [(3, 24, 20, (5, 6), True, True), (2, 16, 64, (9, 7), False, False)]
+# (N, C, k, C_entry, (H, W), pool, odd h): the boundary (op C), where its module has it.
+PROBE_BOUNDARY = [(3, 24, 20, 13, (5, 6), True, True)]
 
 
 def probe(mod, stop_at_first: bool = True, schedules=("inorder", "shuffled"),
@@ -164,6 +167,9 @@ def probe(mod, stop_at_first: bool = True, schedules=("inorder", "shuffled"),
                 *s, dt, fmt, training, relu=True, device="cpu", kernels=kernels)) for shape in PROBE_CCBA]
             runs += [(f"{dtype} update{case}", lambda c=case: kc.check_update(
                 *c[:5], dt, fmt, training, odd_h=c[5], device="cpu", kernels=kernels)) for case in PROBE_UPDATE]
+            if kernels.boundary_fwd is not None:
+                runs += [(f"{dtype} boundary{case}", lambda c=case: kc.check_boundary(
+                    *c[:6], dt, fmt, training, odd_h=c[6], device="cpu", kernels=kernels)) for case in PROBE_BOUNDARY]
             for name, run in runs:
                 cases += 1
                 try:

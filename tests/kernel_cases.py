@@ -22,6 +22,9 @@ FWD_NAMES = ("out", "pre-BN", "mean", "var")
 CCBA_GRADS = ("dx", "dh", "dweight", "dgamma", "dbeta")
 UPDATE_DIFF = ("h", "y", "out_weight", "rec_weight", "gamma", "beta")
 UPDATE_GRADS = ("dh", "dy", "dout_weight", "drec_weight", "dgamma", "dbeta")
+BOUNDARY_FWD_NAMES = ("h_next", "s", "mean", "var", "out", "z", "entry_mean", "entry_var")
+BOUNDARY_DIFF = UPDATE_DIFF + ("entry_weight", "entry_gamma", "entry_beta")
+BOUNDARY_GRADS = UPDATE_GRADS + ("dentry_weight", "dentry_gamma", "dentry_beta")
 
 
 class Kernels(NamedTuple):
@@ -29,18 +32,21 @@ class Kernels(NamedTuple):
     ccba_bwd: Callable
     update_fwd: Callable
     update_bwd: Callable
+    boundary_fwd: Callable | None = None  # op C, rla_update_and_entry
+    boundary_bwd: Callable | None = None
 
 
 def dispatcher_kernels() -> Kernels:
     """The registered kernels; the dispatcher picks the CUDA (or CPU) one from the tensors' device."""
     ops = torch.ops.rla_ext
     return Kernels(ops.concat_conv_bn_act_kernel_fwd, ops.concat_conv_bn_act_kernel_bwd, ops.rla_update_kernel_fwd,
-                   ops.rla_update_kernel_bwd)
+                   ops.rla_update_kernel_bwd, ops.rla_update_and_entry_kernel_fwd, ops.rla_update_and_entry_kernel_bwd)
 
 
 def module_kernels(mod) -> Kernels:
     """The kernels of a module with functions named like those of csrc/cuda/emulate/module.cpp."""
-    return Kernels(mod.concat_conv_bn_act_fwd, mod.concat_conv_bn_act_bwd, mod.rla_update_fwd, mod.rla_update_bwd)
+    return Kernels(mod.concat_conv_bn_act_fwd, mod.concat_conv_bn_act_bwd, mod.rla_update_fwd, mod.rla_update_bwd,
+                   getattr(mod, "rla_update_and_entry_fwd", None), getattr(mod, "rla_update_and_entry_bwd", None))
 
 
 def stat_dtype(dtype):
@@ -202,6 +208,52 @@ def update_kernels(inp, pool, training, grad_out, device="cuda", kernels: Kernel
     return fwd, bwd
 
 
+# ------------------------------------------------------------------------------------------ op C
+def boundary_inputs(n, c, k, ce, hw, pool, dtype, fmt, seed=0, odd_h=False, device="cuda"):
+    """op B's inputs plus the next block's 1x1 entry on (y, h_next): (ce, c + k) weight, BatchNorm vectors."""
+    inp = update_inputs(n, c, k, hw, pool, dtype, fmt, seed=seed, odd_h=odd_h, device=device)
+    g = torch.Generator().manual_seed(seed + 101)
+    sd = stat_dtype(dtype)
+    inp.update(
+        entry_weight=randn(g, ce, c + k, dtype=dtype, device=device, scale=(c + k) ** -0.5),
+        entry_gamma=1 + randn(g, ce, dtype=sd, device=device, scale=0.3),
+        entry_beta=randn(g, ce, dtype=sd, device=device, scale=0.2),
+        entry_mean=randn(g, ce, dtype=sd, device=device, scale=0.1),
+        entry_var=(0.5 + torch.rand(ce, generator=g, dtype=torch.float64)).to(sd).to(device))
+    return inp
+
+
+def boundary_reference(inp, pool, training, relu, grad_h_next, grad_out, dtype):
+    """The composition op B then op A on (y, h_next), in `dtype`: the 8 forward results and the 9 grads."""
+    sd = stat_dtype(dtype)
+    stat_leaf = ("gamma", "beta", "entry_gamma", "entry_beta")
+    leaves = {k: inp[k].detach().to(sd if k in stat_leaf else dtype).requires_grad_() for k in BOUNDARY_DIFF}
+    stats = [None if training else inp[k].to(sd) for k in ("mean", "var", "entry_mean", "entry_var")]
+    h_next, s, m, v = update_composition(leaves["h"], leaves["y"], leaves["out_weight"], leaves["gamma"],
+                                         leaves["beta"], stats[0], stats[1], leaves["rec_weight"], pool)
+    out, z, em, ev = ccba_composition(leaves["y"], h_next, leaves["entry_weight"], leaves["entry_gamma"],
+                                      leaves["entry_beta"], stats[2], stats[3], relu)
+    grads = torch.autograd.grad((h_next, out), [leaves[k] for k in BOUNDARY_DIFF],
+                                (grad_h_next.to(dtype), grad_out.to(dtype)), allow_unused=True)
+    grads = tuple(torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(BOUNDARY_DIFF, grads))
+    fwd = tuple(t.detach() for t in (h_next, s, m, v, out, z, em, ev))
+    return fwd, grads
+
+
+def boundary_kernels(inp, pool, training, relu, grad_h_next, grad_out, device="cuda",
+                     kernels: Kernels | None = None):
+    ks = kernels or dispatcher_kernels()
+    t = {k: v.to(device) for k, v in inp.items()}
+    st = [None if training else t[k] for k in ("mean", "var", "entry_mean", "entry_var")]
+    fwd = ks.boundary_fwd(t["h"], t["y"], t["out_weight"], t["gamma"], t["beta"], st[0], st[1], t["rec_weight"],
+                          t["entry_weight"], t["entry_gamma"], t["entry_beta"], st[2], st[3], pool, EPS, EPS, relu)
+    h_next, s, m, v, out, z, em, ev = fwd
+    bwd = ks.boundary_bwd(grad_h_next.to(device), grad_out.to(device), t["h"], t["y"], t["out_weight"], t["gamma"],
+                          t["beta"], t["rec_weight"], s, m, v, h_next, t["entry_weight"], t["entry_gamma"],
+                          t["entry_beta"], z, em, ev, pool, EPS, EPS, relu, training)
+    return fwd, bwd
+
+
 # ---------------------------------------------------------------------------------- whole cases
 def check_ccba(n, c, k, co, hw, dtype, fmt, training, relu, device="cuda", kernels: Kernels | None = None,
                seed=0):
@@ -237,4 +289,26 @@ def check_update(n, c, k, hw, pool, dtype, fmt, training, odd_h=False, device="c
         # Floor mode: the last row/column of h never reaches the output, so its gradient is exactly zero.
         dh = bwd[0]
         assert torch.all(dh[:, :, -1, :] == 0) and torch.all(dh[:, :, :, -1] == 0)
+    return fwd, bwd
+
+
+def check_boundary(n, c, k, ce, hw, pool, dtype, fmt, training, relu=True, odd_h=False, device="cuda",
+                   kernels: Kernels | None = None, seed=0):
+    """One op C case, forward and backward, against the composition of op B and op A."""
+    H, W = size2(hw)
+    inp = boundary_inputs(n, c, k, ce, (H, W), pool, dtype, fmt, seed=seed, odd_h=odd_h, device=device)
+    g = torch.Generator().manual_seed(seed + 7)
+    gh = randn(g, n, k, H, W, dtype=dtype, device=device, fmt=fmt_of(fmt))
+    go = randn(g, n, ce, H, W, dtype=dtype, device=device, fmt=fmt_of(fmt))
+    fwd, bwd = boundary_kernels(inp, pool, training, relu, gh, go, device, kernels)
+    ref_fwd, ref_bwd = boundary_reference(inp, pool, training, relu, gh, go, dtype)
+    r64 = (boundary_reference(inp, pool, training, relu, gh, go, torch.float64) if needs_reference64(dtype)
+           else (None, None))
+    compare(fwd, ref_fwd, r64[0], dtype, BOUNDARY_FWD_NAMES)
+    compare(bwd, ref_bwd, r64[1], dtype, BOUNDARY_GRADS)
+    fmt_y = kernel_format(inp["y"], fmt)
+    for t in (fwd[0], fwd[1], fwd[4], fwd[5], bwd[0], bwd[1]):
+        assert t.is_contiguous(memory_format=fmt_y), "an activation lost the input's format"
+    if pool and odd_h:
+        assert torch.all(bwd[0][:, :, -1, :] == 0) and torch.all(bwd[0][:, :, :, -1] == 0)
     return fwd, bwd

@@ -4,74 +4,35 @@
 // The 1x1 conv splits its reduction at the concatenation, so cat(x, h) never exists: a GEMM computes
 // the x-part (channels_last as an (N*H*W, C) row-major GEMM, NCHW as a batched GEMM over images) and
 // leaves it UNROUNDED in the accumulation dtype (float for half types); the k-channel h-part is added
-// per element and z is rounded to T once, as a single GEMM over cat(x, h) would round it. That step
-// is fused into the BatchNorm statistics pass (training) or is one elementwise pass (eval). After it,
+// per element (ConcatZ, concat_z.cuh, shared with the block boundary) and z is rounded to T once, as a
+// single GEMM over cat(x, h) would round it. That step is fused into the BatchNorm statistics pass
+// (training) or is one elementwise pass (eval). After it,
 // the shared BatchNorm machinery of batchnorm.cuh: one normalise+activation pass forward; one fused
 // activation+BatchNorm reduction and one elementwise pass backward.
 #include <ATen/ATen.h>
 
 #include "batchnorm.cuh"
+#include "concat_z.cuh"
 #include "ops.h"
 
 namespace rla_ext {
 namespace cuda {
 namespace {
 
-// h-parts up to this many channels are added per element; wider ones by a GEMM in the accumulation dtype.
-constexpr int64_t kMaxDirectH = 64;
-
-// z = round_T(zx + weight[:, C:] @ h) per element, with zx = weight[:, :C] @ x unrounded (acc_t). zx may be
-// z itself (same buffer) when acc_t is T: each element is read before it is written, by the same thread.
-template <typename T, bool CL, typename acc_t>
-struct ConcatZ {
-  const acc_t* zx;
-  T* z;
-  const T* __restrict__ h;   // (N, kh, H, W)
-  const T* __restrict__ wh;  // weight + C: the h columns of output channel c start at wh + c * ldw
-  int64_t Co, HW, kh, ldw;   // kh = 0: the h-part is already in zx
-
-  __device__ __forceinline__ T value(int64_t n, int64_t p, int64_t c, int64_t off) const {
-    acc_t v = zx[off];
-    const T* w = wh + c * ldw;
-    for (int64_t j = 0; j < kh; ++j) {
-      v += static_cast<acc_t>(w[j]) * static_cast<acc_t>(h[act_offset<CL>(n, p, j, kh, HW)]);
-    }
-    return static_cast<T>(v);
-  }
-
-  // As a statistics producer (training): the statistics see exactly the stored z.
-  __device__ __forceinline__ void operator()(WelfordState<acc_t>& st, int64_t n, int64_t p, int64_t c) const {
-    const int64_t off = act_offset<CL>(n, p, c, Co, HW);
-    const T r = value(n, p, c, off);
-    z[off] = r;
-    st.push(static_cast<acc_t>(r));
-  }
-
-  // As an elementwise pass (eval).
-  __device__ __forceinline__ void store(int64_t n, int64_t p, int64_t c, int64_t off) const {
-    z[off] = value(n, p, c, off);
-  }
-};
-
 // zx = weight[:, :C] @ x (plus weight[:, C:] @ h when k > kMaxDirectH) into `zx`, a tensor of the
 // accumulation dtype in the format of x; returns how many h channels ConcatZ must still add.
 int64_t concat_gemm(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, at::Tensor& zx, bool cl) {
   const int64_t N = x.size(0), C = x.size(1), k = h.size(1), Co = weight.size(0);
   const at::Tensor wx = weight.narrow(1, 0, C);  // (Co, C), row stride C + k: cuBLAS takes it as is
-  const at::Tensor wh = weight.narrow(1, C, k);
-  const bool gemm_h = k > kMaxDirectH;
-  const at::ScalarType acc = zx.scalar_type();
   if (cl) {
     at::Tensor zx2 = rows_view(zx);
     mm_into(zx2, rows_view(x), wx.t());
-    if (gemm_h) zx2.addmm_(rows_view(h).to(acc), wh.t().to(acc));
   } else {
     at::Tensor zx3 = planes_view(zx);
     // The weight is broadcast over the batch with stride 0; no copy.
     bmm_into(zx3, wx.unsqueeze(0).expand({N, Co, C}), planes_view(x));
-    if (gemm_h) zx3.baddbmm_(wh.unsqueeze(0).expand({N, Co, k}).to(acc), planes_view(h).to(acc));
   }
-  return gemm_h ? 0 : k;
+  return add_wide_h_part(zx, h, weight.narrow(1, C, k), cl);
 }
 
 void check_common(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& gamma,
@@ -111,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_conv_bn_act_fw
 
   at::Tensor z = empty_act(x, N, Co, H, W, cl);
   at::Tensor out = device_empty_like(z);
-  at::Tensor mean_out, var_out, params;
+  at::Tensor mean_out, var_out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_conv_bn_act_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_layout(cl, [&](auto layout) {
@@ -120,24 +81,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_conv_bn_act_fw
       at::Tensor zx = same ? z : device_empty({N, Co, H, W}, z.options().dtype(c10::CppTypeToScalarType<acc_t>::value)
                                                                  .memory_format(format_of(CL)));
       const int64_t kh = concat_gemm(x, h, weight, zx, CL);
-      const int64_t HW = H * W;
       ConcatZ<scalar_t, CL, acc_t> cz{zx.data_ptr<acc_t>(), z.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-                                      weight.data_ptr<scalar_t>() + C, Co, HW, kh, C + k};
-      if (training) {
-        mean_out = device_empty({Co}, gamma.options());
-        var_out = device_empty({Co}, gamma.options());
-        params = device_empty({4, Co}, gamma.options());
-        StatsEpilogue<acc_t> epi{mean_out.data_ptr<acc_t>(), var_out.data_ptr<acc_t>(), params.data_ptr<acc_t>(),
-                                 gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), Co, eps};
-        reduce_channels<CL, WelfordState, acc_t>(cz, epi, Co, HW, N * HW, gamma.options());
-      } else {
-        launch_pointwise<CL>(cz, z.numel(), Co, HW);
-        // Returned stats must not alias the inputs (custom-op rule), hence the copies.
-        mean_out = mean->clone();
-        var_out = var->clone();
-        params = bn_params_from_stats(mean_out, var_out, gamma, beta, eps);
-      }
-      with_act(relu, [&](auto act) { launch_bn_act<scalar_t, CL, decltype(act)>(z, out, params); });
+                                      weight.data_ptr<scalar_t>() + C, Co, H * W, kh, C + k, Co, 0};
+      std::tie(mean_out, var_out) = entry_forward<scalar_t, CL>(cz, z, out, mean, var, gamma, beta, eps, relu);
     });
   });
   return {out, z, mean_out, var_out};

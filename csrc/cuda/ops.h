@@ -47,5 +47,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& rec_weight, const at::Tensor& s,
     const at::Tensor& mean, const at::Tensor& var, bool pool, double eps, bool training);
 
+// The block boundary (op C): rla_update then the 1x1 entry on (y, h_next), one GEMM over y each way.
+// -> (h_next, s, mean, var, out, z, entry_mean, entry_var)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+rla_update_and_entry_fwd_cuda(const at::Tensor& h, const at::Tensor& y, const at::Tensor& out_weight,
+                              const at::Tensor& gamma, const at::Tensor& beta, const std::optional<at::Tensor>& mean,
+                              const std::optional<at::Tensor>& var, const at::Tensor& rec_weight,
+                              const at::Tensor& entry_weight, const at::Tensor& entry_gamma,
+                              const at::Tensor& entry_beta, const std::optional<at::Tensor>& entry_mean,
+                              const std::optional<at::Tensor>& entry_var, bool pool, double eps, double entry_eps,
+                              bool relu);
+
+// -> (dh, dy, dout_weight, drec_weight, dgamma, dbeta, dentry_weight, dentry_gamma, dentry_beta)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+rla_update_and_entry_bwd_cuda(const at::Tensor& grad_h_next, const at::Tensor& grad_out, const at::Tensor& h,
+                              const at::Tensor& y, const at::Tensor& out_weight, const at::Tensor& gamma,
+                              const at::Tensor& beta, const at::Tensor& rec_weight, const at::Tensor& s,
+                              const at::Tensor& mean, const at::Tensor& var, const at::Tensor& h_next,
+                              const at::Tensor& entry_weight, const at::Tensor& entry_gamma,
+                              const at::Tensor& entry_beta, const at::Tensor& z, const at::Tensor& entry_mean,
+                              const at::Tensor& entry_var, bool pool, double eps, double entry_eps, bool relu,
+                              bool training);
+
 }  // namespace cuda
 }  // namespace rla_ext

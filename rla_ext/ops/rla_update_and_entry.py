@@ -26,34 +26,45 @@ from rla_ext.ops.rla_update import rla_update
 
 _OP = "rla_update_and_entry"
 # Backends with a kernel pair for this op. The others are refused by name (not written yet).
-FUSED = ("cpp",)
+FUSED = ("cpp", "cuda")
+# The dispatch key each fused backend's kernels are registered under (one schema, csrc/ops.cpp).
+_DISPATCH_KEY = {"cpp": "CPU", "cuda": "CUDA"}
 
 
 # Registrations cannot change while a graph is traced (as _backend._unavailable_reason).
 @torch.compiler.assume_constant_result
-def _cpp_kernel_registered() -> bool:
-    """Whether the loaded rla_ext._C has this op's CPU kernels (an extension built before it has not)."""
+def _kernel_registered(dispatch_key: str) -> bool:
+    """Whether the loaded rla_ext._C has this op's kernels for `dispatch_key` ("CPU" or "CUDA"); an
+    extension built before the op (or, for "CUDA", before its CUDA kernels) has not."""
     return _extension.load_error() is None and all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"rla_ext::{_OP}_kernel_{p}", "CPU") for p in ("fwd", "bwd"))
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"rla_ext::{_OP}_kernel_{p}", dispatch_key)
+        for p in ("fwd", "bwd"))
+
+
+def _cpp_kernel_registered() -> bool:
+    """Whether the loaded rla_ext._C has this op's CPU kernels."""
+    return _kernel_registered("CPU")
 
 
 def _check_backend(backend: str | None, device: torch.device, size: tuple[int, int]) -> str:
-    """The concrete backend: "torch" or one of FUSED. cuda / triton asked for (by argument, context or
-    default) raise BackendUnavailableError; "auto" picks among the backends this op has."""
+    """The concrete backend: "torch" or one of FUSED. A backend without kernels for this op (triton),
+    asked for by argument, context or default, raises BackendUnavailableError; "auto" picks among the
+    backends this op has."""
     requested = _backend.get_backend() if backend is None else _backend._check_name(backend)
     if requested in _backend.BACKENDS and requested != "torch" and requested not in FUSED:
         raise _backend.BackendUnavailableError(
             f"backend {requested!r} is not available for {_OP}: its {requested} kernels are not written yet; "
-            f"use backend='cpp' (CPU) or 'torch' (any device), or call rla_update and concat_conv_bn_act")
+            f"use backend='cpp' (CPU), 'cuda' (CUDA) or 'torch' (any device), or call rla_update and "
+            "concat_conv_bn_act")
     name = _backend.resolve(requested, device, _OP, size)
     if name not in FUSED:
         return "torch"
-    if not _cpp_kernel_registered():
+    if not _kernel_registered(_DISPATCH_KEY[name]):
         if requested == "auto":
             return "torch"
         raise _backend.BackendUnavailableError(
-            f"backend 'cpp' is not available for {_OP}: the compiled extension rla_ext._C predates this op "
-            f"({_extension.load_error() or 'no kernel registered'}); rebuild it with "
+            f"backend {name!r} is not available for {_OP}: the compiled extension rla_ext._C predates this op's "
+            f"{name} kernels ({_extension.load_error() or 'no kernel registered'}); rebuild it with "
             "`pip install --no-build-isolation -e .` (or `make setup`)")
     return name
 
@@ -192,9 +203,9 @@ def rla_update_and_entry(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Te
         update's, ``entry_momentum`` / ``entry_eps`` / ``activation`` ("relu" or "none") the entry's.
         process_group: statistics synchronised over that group when training; the boundary then runs as
             the two (synchronised) ops on the chosen backend, unfused.
-    Backends: ``torch`` (the composition of the two reference ops) and ``cpp`` (the fused CPU kernel);
-        ``auto`` picks among these. The ``cuda`` and ``triton`` kernels are not written yet: asking for
-        either raises ``BackendUnavailableError``.
+    Backends: ``torch`` (the composition of the two reference ops), ``cpp`` (the fused CPU kernel) and
+        ``cuda`` (the fused CUDA kernels, CUDA tensors); ``auto`` picks among these. The ``triton``
+        kernels are not written yet: asking for them raises ``BackendUnavailableError``.
     Dtypes: float16, bfloat16, float32, float64 (statistics in float32, float64 for float64). Under
     ``torch.autocast`` h, y and the three conv weights run in the autocast dtype (float64 excepted).
     """

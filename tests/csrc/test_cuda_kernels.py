@@ -12,8 +12,8 @@ import torch
 
 import rla_ext
 from kernel_cases import (ALL_DTYPES, CCBA_GRADS, FORMATS, FWD_NAMES, UPDATE_GRADS, ccba_inputs, ccba_kernels,
-                          ccba_reference, check_ccba, check_update, compare, fmt_of, randn, update_inputs,
-                          update_kernels, update_reference)
+                          ccba_reference, check_boundary, check_ccba, check_update, compare, fmt_of, randn,
+                          update_inputs, update_kernels, update_reference)
 from rla_ext import _extension
 
 pytestmark = [
@@ -78,6 +78,44 @@ def test_update_matches_composition(shape, dtype, fmt, training):
 def test_update_k_and_pool_edges(k, pool, odd_h, dtype, fmt):
     for training in (True, False):
         check_update(4, 48, k, 11, pool, dtype, fmt, training, odd_h=odd_h, seed=5)
+
+
+# ------------------------------------------------------------------------------------------ op C
+# (N, C, k, C_entry, H=W of y, pool): RLA-ResNet-50 block boundaries (y = block output, C_entry = the
+# next bottleneck's width), then k and pool edges as op B's (k = 96: cuDNN 3x3 and the h-part GEMM).
+BOUNDARY_SHAPES = [(8, 256, 32, 64, 56, False), (16, 512, 32, 128, 28, True), (32, 1024, 32, 256, 14, True),
+                   (4, 48, 20, 37, 11, True), (4, 48, 96, 40, 11, False)]
+
+
+@pytest.mark.parametrize("shape", BOUNDARY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_boundary_matches_composition(shape, dtype, fmt, training):
+    n, c, k, ce, hw, pool = shape
+    check_boundary(n, c, k, ce, hw, pool, dtype, fmt, training, relu=training, odd_h=k == 20)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_boundary(fmt, training):
+    g = torch.Generator().manual_seed(0)
+    f = fmt_of(fmt)
+    k, c, ce, hw = 3, 5, 4, 4
+    h = randn(g, 2, k, 2 * hw + 1, 2 * hw + 1, dtype=torch.float64, fmt=f).requires_grad_()
+    y = randn(g, 2, c, hw, hw, dtype=torch.float64, fmt=f).requires_grad_()
+    wo = randn(g, k, c, dtype=torch.float64, scale=0.5).requires_grad_()
+    wr = randn(g, k, k, 3, 3, dtype=torch.float64, scale=0.3).requires_grad_()
+    we = randn(g, ce, c + k, dtype=torch.float64, scale=0.5).requires_grad_()
+    stats = [(None, None) if training else (randn(g, m, dtype=torch.float64, scale=0.1),
+                                            0.5 + torch.rand(m, generator=g, dtype=torch.float64).cuda())
+             for m in (k, ce)]
+
+    def fn(h, y, wo, wr, we):
+        return rla_ext.ops.rla_update_and_entry(h, y, wo, None, None, *stats[0], wr, we, None, None, *stats[1],
+                                                pool=True, training=training, backend="cuda")
+
+    assert torch.autograd.gradcheck(fn, (h, y, wo, wr, we), nondet_tol=1e-10)
 
 
 # ------------------------------------------------------------------------------------ CUDA vs CPU

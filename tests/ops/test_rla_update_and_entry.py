@@ -266,13 +266,19 @@ def test_bad_options(backend):
         fused(_args(entry_running_mean=None, entry_running_var=None), training=False, backend=backend)
 
 
-@pytest.mark.parametrize("name", ["cuda", "triton"])
+@pytest.mark.parametrize("name", ["triton"])
 def test_unwritten_backends_refused(name):
     with pytest.raises(rla_ext.BackendUnavailableError, match=f"'{name}' is not available for rla_update_and_entry"
                                                               ".*not written yet"):
         fused(_args(), training=True, backend=name)
     with rla_ext.use_backend(name), pytest.raises(rla_ext.BackendUnavailableError, match="not written yet"):
         fused(_args(), training=True)
+
+
+def test_cuda_backend_refuses_cpu_tensors():
+    """The cuda backend has kernels now; on CPU tensors it is unavailable as every op's cuda backend is."""
+    with pytest.raises(rla_ext.BackendUnavailableError, match="'cuda' backend runs on CUDA tensors only"):
+        fused(_args(), training=True, backend="cuda")
 
 
 def test_auto_picks_a_backend_it_has():

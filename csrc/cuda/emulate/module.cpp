@@ -53,6 +53,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("concat_conv3x3_bn_act_bwd", &rla_ext::cuda::concat_conv3x3_bn_act_bwd_cuda);
   m.def("rla_update_fwd", &rla_ext::cuda::rla_update_fwd_cuda);
   m.def("rla_update_bwd", &rla_ext::cuda::rla_update_bwd_cuda);
+  m.def("rla_update_and_entry_fwd", &rla_ext::cuda::rla_update_and_entry_fwd_cuda);
+  m.def("rla_update_and_entry_bwd", &rla_ext::cuda::rla_update_and_entry_bwd_cuda);
   m.def(
       "configure",
       [](const std::string& schedule, uint64_t seed, int multiprocessor_count) {

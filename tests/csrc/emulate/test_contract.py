@@ -37,7 +37,8 @@ def strip_comments(text: str) -> str:
 
 def test_kernel_sources_exist():
     names = {p.name for p in KERNEL_SOURCES}
-    assert {"batchnorm.cuh", "concat_conv_bn_act.cu", "device.cuh", "rla_update.cu"} <= names
+    assert {"batchnorm.cuh", "concat_conv_bn_act.cu", "concat_z.cuh", "device.cuh", "rla_update.cu",
+            "rla_update_and_entry.cu", "update_tail.cuh"} <= names
 
 
 @pytest.mark.parametrize("path", [p for p in KERNEL_SOURCES if p.name != "device.cuh"], ids=lambda p: p.name)
@@ -53,7 +54,7 @@ def test_registration_is_host_compiled_and_alone():
     reg = (CUDA / "register.cpp").read_text()
     assert "TORCH_LIBRARY_IMPL(rla_ext, CUDA" in reg
     for name in ("concat_conv_bn_act_kernel_fwd", "concat_conv_bn_act_kernel_bwd", "rla_update_kernel_fwd",
-                 "rla_update_kernel_bwd"):
+                 "rla_update_kernel_bwd", "rla_update_and_entry_kernel_fwd", "rla_update_and_entry_kernel_bwd"):
         assert f'"{name}"' in reg
     assert [p.name for p in CUDA.glob("*.cpp")] == ["register.cpp"]
 

@@ -11,7 +11,8 @@ not a detection and fails the test.
 One build serves all mutants (a mutant schema): the copy of csrc/cuda/ gets EVERY mutation, each behind
 RLA_EMULATE_MUTANT(id), and the probe runs once per mutant with RLA_EXT_EMULATE_MUTANT=id, in its own
 process. The full tier also builds one mutant literally (the text deleted) to show the schema's switch
-is the same defect. Quick tier: one mutant of each kind; full tier (RLA_EXT_EMULATE_FULL=1): every site.
+is the same defect. Quick tier: one mutant of each kind and
+the update tail's conv barrier (ops B and C); full tier (RLA_EXT_EMULATE_FULL=1): every site.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import pytest
 import cuda_emulation
 
 SOURCE = cuda_emulation.SOURCE_DIR
-KERNEL_FILES = ("batchnorm.cuh", "concat_conv_bn_act.cu", "rla_update.cu")
+KERNEL_FILES = ("batchnorm.cuh", "concat_conv_bn_act.cu", "rla_update.cu", "update_tail.cuh", "concat_z.cuh",
+                "rla_update_and_entry.cu")
 
 # Sites whose mutant computes exactly what the original does, so no test can report it: threadIdx.x is
 # read once, and t -> t ^ 1 only permutes the threads of an even-sized block, each of which still does
@@ -37,14 +39,15 @@ EQUIVALENT = {
     "tid:batchnorm.cuh:pointwise_kernel#0",
     "tid:batchnorm.cuh:bn_act_kernel#0",
     "tid:batchnorm.cuh:bn_backward_elementwise_kernel#0",
-    "tid:rla_update.cu:pool_backward_kernel#0",
-    "tid:rla_update.cu:conv3x3_direct_kernel#0",
+    "tid:update_tail.cuh:pool_backward_kernel#0",
+    "tid:update_tail.cuh:conv3x3_direct_kernel#0",
 }
 # Quick tier: one mutant of each kind.
 QUICK = (
     "sync:batchnorm.cuh:channel_partials_kernel#0",  # the barrier between the stores and the tree
     "tid:batchnorm.cuh:channel_partials_kernel#0",   # NCHW blocks are one channel wide: t ^ 1 leaves it
     "smem:batchnorm.cuh:channel_finalize_kernel#0",  # the finalize tree's array, one element short
+    "sync:update_tail.cuh:conv3x3_direct_kernel#1",  # tiles read before all are stored (ops B and C)
 )
 
 
@@ -203,7 +206,7 @@ def test_sites_of_every_kind():
         kinds.setdefault(s.kind, []).append(s.name)
     assert len(kinds.get("sync", [])) >= 6 and len(kinds.get("tid", [])) >= 8 and len(kinds.get("smem", [])) >= 3, kinds
     assert set(QUICK) <= set(IDS) and EQUIVALENT <= set(IDS), "QUICK / EQUIVALENT name sites that no longer exist"
-    assert any(s.name.startswith("smem:rla_update.cu:conv3x3_direct_kernel") for s in SITES), "dynamic smem site"
+    assert any(s.name.startswith("smem:update_tail.cuh:conv3x3_direct_kernel") for s in SITES), "dynamic smem site"
 
 
 def test_schema_without_a_mutant_passes(schema):
