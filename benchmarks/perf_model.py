@@ -98,7 +98,7 @@ LIBRARY_WGRAD_LAUNCHES = 2  # cuBLAS/cuDNN weight gradient: split-K GEMM + reduc
 L2_FIT_FRACTION = 0.5
 
 # CUDA design constants, read from csrc/cuda/batchnorm.cuh (make_reduce_plan, channels_last) and
-# csrc/cuda/rla_update.cu (make_conv_plan).
+# csrc/cuda/update_tail.cuh (make_conv_plan).
 CUDA_REDUCE_TX, CUDA_REDUCE_TY, CUDA_REDUCE_TARGET_BLOCKS, CUDA_REDUCE_MAX_CHUNKS = 32, 8, 1024, 1024
 CUDA_REDUCE_MIN_ROWS_PER_THREAD = 4
 CUDA_CONV_OC_PER_THREAD, CUDA_CONV_TILE_W, CUDA_CONV_THREADS = 8, 8, 256
@@ -347,7 +347,7 @@ def eager_rla_update(s: OpShape, dtype: torch.dtype, dev: DeviceSpec) -> tuple[l
 
 
 # ---------------------------------------------------------------------------------------------------
-# cuda: csrc/cuda/concat_conv_bn_act.cu, rla_update.cu, batchnorm.cuh
+# cuda: csrc/cuda/concat_conv_bn_act.cu, rla_update.cu, rla_update_and_entry.cu and their headers
 # ---------------------------------------------------------------------------------------------------
 
 def cuda_reduce_chunks(channels: int, m: int) -> int:
