@@ -24,7 +24,8 @@ def test_kernels_are_clean_under_sanitizers():
     result = sanitized("--all", "--schedules", "inorder", "--dtypes", "float32,bfloat16,float64")
     assert result["built"], result["output"]
     assert result["returncode"] == 0 and not result["failures"], result["failures"] or result["output"]
-    assert result["cases"] == 3 * 4 * (len(cuda_emulation.PROBE_CCBA) + len(cuda_emulation.PROBE_UPDATE))
+    assert result["cases"] == 3 * 4 * (len(cuda_emulation.PROBE_CCBA) + len(cuda_emulation.PROBE_UPDATE)
+                                    + len(cuda_emulation.PROBE_BOUNDARY))
 
 
 @pytest.mark.parametrize("case,report", [
