@@ -66,8 +66,9 @@ class RLAResNet(nn.Module):
         fuse_boundary: between two bottlenecks (within a stage and across stages: every boundary but
             the last block's), run block t's RLA update and block t+1's entry as one op
             (``rla_ext.nn.rla_boundary``: y read once, one GEMM over y for both 1x1 convs).
-            None (default): when the backend in force is "cpp" (the op's only fused kernels;
-            its CUDA / Triton kernels are not written) and at shapes where that was measured faster
+            None (default): when the backend in force is "cpp" (the only one measured: the CUDA /
+            Triton boundary kernels wait for a GPU run; True runs them) and at shapes where that was
+            measured faster
             (``rla_ext.nn.boundary_pays``: the large early stages); True: at every such boundary;
             False: never. Same numbers either way, up to rounding.
     """
