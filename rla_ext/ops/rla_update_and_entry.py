@@ -26,7 +26,7 @@ from rla_ext.ops.rla_update import rla_update
 
 _OP = "rla_update_and_entry"
 # Backends with a kernel pair for this op. The others are refused by name (not written yet).
-FUSED = ("cpp",)
+FUSED = ("cpp", "triton")
 
 
 # Registrations cannot change while a graph is traced (as _backend._unavailable_reason).
@@ -38,17 +38,18 @@ def _cpp_kernel_registered() -> bool:
 
 
 def _check_backend(backend: str | None, device: torch.device, size: tuple[int, int]) -> str:
-    """The concrete backend: "torch" or one of FUSED. cuda / triton asked for (by argument, context or
-    default) raise BackendUnavailableError; "auto" picks among the backends this op has."""
+    """The concrete backend: "torch" or one of FUSED. A backend without kernels for this op asked for (by
+    argument, context or default) raises BackendUnavailableError; "auto" picks among the backends this op
+    has. triton runs on CUDA tensors, and on CPU tensors under Triton's interpreter (_backend.resolve)."""
     requested = _backend.get_backend() if backend is None else _backend._check_name(backend)
     if requested in _backend.BACKENDS and requested != "torch" and requested not in FUSED:
         raise _backend.BackendUnavailableError(
             f"backend {requested!r} is not available for {_OP}: its {requested} kernels are not written yet; "
-            f"use backend='cpp' (CPU) or 'torch' (any device), or call rla_update and concat_conv_bn_act")
+            f"use backend='cpp' (CPU), 'triton' or 'torch' (any device), or call rla_update and concat_conv_bn_act")
     name = _backend.resolve(requested, device, _OP, size)
     if name not in FUSED:
         return "torch"
-    if not _cpp_kernel_registered():
+    if name == "cpp" and not _cpp_kernel_registered():
         if requested == "auto":
             return "torch"
         raise _backend.BackendUnavailableError(
@@ -192,9 +193,9 @@ def rla_update_and_entry(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Te
         update's, ``entry_momentum`` / ``entry_eps`` / ``activation`` ("relu" or "none") the entry's.
         process_group: statistics synchronised over that group when training; the boundary then runs as
             the two (synchronised) ops on the chosen backend, unfused.
-    Backends: ``torch`` (the composition of the two reference ops) and ``cpp`` (the fused CPU kernel);
-        ``auto`` picks among these. The ``cuda`` and ``triton`` kernels are not written yet: asking for
-        either raises ``BackendUnavailableError``.
+    Backends: ``torch`` (the composition of the two reference ops), ``cpp`` (the fused CPU kernel) and
+        ``triton`` (CUDA tensors, or CPU tensors under Triton's interpreter); ``auto`` picks among these.
+        The ``cuda`` kernels are not written yet: asking for them raises ``BackendUnavailableError``.
     Dtypes: float16, bfloat16, float32, float64 (statistics in float32, float64 for float64). Under
     ``torch.autocast`` h, y and the three conv weights run in the autocast dtype (float64 excepted).
     """
