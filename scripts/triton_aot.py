@@ -186,11 +186,11 @@ def run_case(case: Case) -> None:
             stats = (None, None) if case.training else (vec(K), vec(K))
             e_stats = (None, None) if case.training else (vec(case.co), vec(case.co))
             h_next, s, mean, var, out, z, em, ev = op_c.forward(
-                h, y, wo, vec(K), vec(K), *stats, wr, we, vec(case.co), vec(case.co), *e_stats, case.pool, eps,
-                eps, case.relu)
-            op_c.backward(torch.empty_like(h_next), torch.empty_like(out), h, y, wo, vec(K), vec(K), wr, s, mean,
-                          var, h_next, we, vec(case.co), vec(case.co), z, em, ev, case.pool, eps, eps, case.relu,
-                          case.training)
+                h, y, wo, vec(K), vec(K), *stats, wr, we, vec(case.co), vec(case.co), *e_stats, case.pool,
+                eps, eps, case.relu)
+            op_c.backward(torch.empty_like(h_next), torch.empty_like(out), h, y, wo, vec(K), vec(K), wr, s,
+                          mean, var, h_next, we, vec(case.co), vec(case.co), z, em, ev, case.pool, eps, eps,
+                          case.relu, case.training)
         else:
             hs = case.size * 2 if case.pool else case.size
             h = _act(case.n, K, hs, case)

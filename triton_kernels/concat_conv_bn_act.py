@@ -165,8 +165,8 @@ def bn_act_grad_sums(grad_out, z, mean, var, gamma, beta, eps: float, relu: bool
     part_g, part_gx, p = new_partials(rows, co, z)
     bn = _elementwise_block(co)
     _bwd_reduce_kernel[(p, triton.cdiv(co, bn))](grad_out, z, part_g, part_gx, mean, var, gamma, beta, rows,
-                                                 hh * ww, co, eps, *pixel_strides(grad_out), *pixel_strides(z),
-                                                 RELU=relu, BLOCK_M=STAT_ROWS, BLOCK_N=bn)
+                                                 hh * ww, co, eps, *pixel_strides(grad_out),
+                                                 *pixel_strides(z), RELU=relu, BLOCK_M=STAT_ROWS, BLOCK_N=bn)
     return finalize_sums(part_g, part_gx)
 
 

@@ -135,7 +135,8 @@ class BNGrad:
     @classmethod
     def materialised(cls, dz: torch.Tensor) -> "BNGrad":
         """dz (N, CO, H, W) already stored: the GEMMs load it as it is (load_dz's RAW)."""
-        unused = torch.empty(1, dtype=stat_dtype(dz.dtype), device=dz.device)  # fixes the accumulation dtype only
+        # Never read: it fixes the accumulation dtype (the kernels accumulate in mean's dtype).
+        unused = torch.empty(1, dtype=stat_dtype(dz.dtype), device=dz.device)
         return cls(dz, dz, *(unused,) * 6, 0.0, False, False, raw=True)
 
     def tensors(self):

@@ -256,7 +256,8 @@ def state_gemm(y, w, h, s, zx, part_mean, part_m2, pool: bool, training: bool) -
     zxt = s if zx is None else zx
 
     def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(ce, meta["BLOCK_N"]) + triton.cdiv(k, meta["BLOCK_N"]))
+        bn = meta["BLOCK_N"]
+        return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(ce, bn) + triton.cdiv(k, bn))
 
     _fwd_gemm_kernel[grid](y, w, h, s, zxt, part_mean, part_m2, rows, hy * wy, wy, c, k, ce,
                            *pixel_strides(y), *h.stride(), *pixel_strides(s), *pixel_strides(zxt), POOL=pool,

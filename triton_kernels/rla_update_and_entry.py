@@ -38,8 +38,8 @@ def forward(h, y, out_weight, gamma, beta, mean, var, rec_weight, entry_weight, 
     activations in y's memory format, statistics in the stat dtype."""
     if needs_aten(y):
         return _aten.rla_update_and_entry_forward(h, y, out_weight, gamma, beta, mean, var, rec_weight,
-                                                  entry_weight, entry_gamma, entry_beta, entry_mean, entry_var,
-                                                  pool, eps, entry_eps, relu)
+                                                  entry_weight, entry_gamma, entry_beta, entry_mean,
+                                                  entry_var, pool, eps, entry_eps, relu)
     n, c, hy, wy = y.shape
     k = out_weight.shape[0]
     ce = entry_weight.shape[0]
@@ -65,9 +65,9 @@ def backward(grad_h_next, grad_out, h, y, out_weight, gamma, beta, rec_weight, s
     dentry_weight, dentry_gamma, dentry_beta (entry); weights in their dtype, BN grads in the stat dtype."""
     if needs_aten(y):
         return _aten.rla_update_and_entry_backward(grad_h_next, grad_out, h, y, out_weight, gamma, beta,
-                                                   rec_weight, s, mean, var, h_next, entry_weight, entry_gamma,
-                                                   entry_beta, z, entry_mean, entry_var, pool, eps, entry_eps,
-                                                   relu, training)
+                                                   rec_weight, s, mean, var, h_next, entry_weight,
+                                                   entry_gamma, entry_beta, z, entry_mean, entry_var, pool,
+                                                   eps, entry_eps, relu, training)
     n, c, hy, wy = y.shape
     k = out_weight.shape[0]
     ce = entry_weight.shape[0]

@@ -45,7 +45,8 @@ def _check_backend(backend: str | None, device: torch.device, size: tuple[int, i
     if requested in _backend.BACKENDS and requested != "torch" and requested not in FUSED:
         raise _backend.BackendUnavailableError(
             f"backend {requested!r} is not available for {_OP}: its {requested} kernels are not written yet; "
-            f"use backend='cpp' (CPU), 'triton' or 'torch' (any device), or call rla_update and concat_conv_bn_act")
+            f"use backend='cpp' (CPU), 'triton' or 'torch' (any device), or call rla_update and "
+            "concat_conv_bn_act")
     name = _backend.resolve(requested, device, _OP, size)
     if name not in FUSED:
         return "torch"

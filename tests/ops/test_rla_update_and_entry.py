@@ -154,7 +154,8 @@ def test_gradcheck_float64(backend, training, pool):
             kw[n] = inp[n].detach().clone()
         return fused(kw, pool=pool, training=training, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, tuple(inp[n] for n in names), fast_mode=is_interpreted(backend, "cpu"))
+    assert torch.autograd.gradcheck(fn, tuple(inp[n] for n in names),
+                                    fast_mode=is_interpreted(backend, "cpu"))
 
 
 def _canonical(fmt):

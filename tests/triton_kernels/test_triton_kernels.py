@@ -195,8 +195,8 @@ def test_rla_update(dtype, fmt, training, pool, shape):
 
 def case_c(n, c, k, ce, hh, ww, pool, dtype, fmt, training, seed=0):
     h, y, wo, gamma, beta, mean, var, wr = case_b(n, c, k, hh, ww, pool, dtype, fmt, training, seed)
-    _, _, we, e_gamma, e_beta, e_mean, e_var = case_a(n, c, k, ce, y.shape[2], y.shape[3], dtype, fmt, training,
-                                                      seed + 1)
+    _, _, we, e_gamma, e_beta, e_mean, e_var = case_a(n, c, k, ce, y.shape[2], y.shape[3], dtype, fmt,
+                                                      training, seed + 1)
     return h, y, wo, gamma, beta, mean, var, wr, we, e_gamma, e_beta, e_mean, e_var
 
 
@@ -236,8 +236,8 @@ def test_rla_update_and_entry(dtype, fmt, training, pool, shape):
 
     # The float64 torch reference, and autograd through it for both outputs.
     d = [t.double().requires_grad_() for t in (h, y, wo, gamma, beta, wr, we, e_gamma, e_beta)]
-    r_hn, r_s, r_m, r_v = ref_b(*d[:5], None if training else mean.double(), None if training else var.double(),
-                                d[5], pool)
+    r_hn, r_s, r_m, r_v = ref_b(*d[:5], None if training else mean.double(),
+                                None if training else var.double(), d[5], pool)
     r_out, r_z, r_em, r_ev = ref_a(d[1], r_hn, *d[6:], None if training else e_mean.double(),
                                    None if training else e_var.double(), relu)
     for name, got, want in zip(("h_next", "s", "mean", "var", "out", "z", "entry_mean", "entry_var"), res,
@@ -280,8 +280,8 @@ def test_rla_update_and_entry_half_precision():
         torch.testing.assert_close(out.double(), r_out, atol=atol, rtol=atol)
         h, y, wo, gamma, beta, _, _, wr, we, e_gamma, e_beta, _, _ = args
         gh, go = _c_upstream(h_next, out, dtype, torch.channels_last)
-        grads = op_c.backward(gh, go, h, y, wo, gamma, beta, wr, s, m, v, h_next, we, e_gamma, e_beta, z, em, ev,
-                              True, EPS, EPS, True, True)
+        grads = op_c.backward(gh, go, h, y, wo, gamma, beta, wr, s, m, v, h_next, we, e_gamma, e_beta, z, em,
+                              ev, True, EPS, EPS, True, True)
         for name, g, like in zip(C_GRADS, grads, (h, y, wo, wr, gamma, beta, we, e_gamma, e_beta)):
             assert g.dtype == like.dtype and torch.isfinite(g).all(), name
 
