@@ -24,12 +24,12 @@ from .common import (CONV3X3_LEAN, CONV3X3_TILES, STAT_ROWS, STATE_GEMM_LEAN, ST
 from .gemm import BNGrad, dz_dgrad, dz_wgrad
 
 
-@autotune(STATE_GEMM_TILES, key=["M", "C", "K", "CE", "POOL", "TRAINING", "PREC"], lean=STATE_GEMM_LEAN,
+@autotune(STATE_GEMM_TILES, key=["M", "C", "K", "CE", "POOL", "TRAINING", "SPLIT", "PREC"], lean=STATE_GEMM_LEAN,
           fixed_m=STAT_ROWS)
 @triton.jit
 def _fwd_gemm_kernel(y, w, h, s, zx, part_mean, part_m2, M, HW, Wd, C, K, CE,
                      y_sn, y_sp, y_sc, h_sn, h_sc, h_sh, h_sw, s_sn, s_sp, s_sc, x_sn, x_sp, x_sc,
-                     POOL: tl.constexpr, TRAINING: tl.constexpr, PREC: tl.constexpr,
+                     POOL: tl.constexpr, TRAINING: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y @ w^T for w = (CE + K, C): the first CE output columns (the block boundary's entry share,
     CE = 0 for rla_update alone) are stored unrounded into zx (stat dtype), the last K become s."""
@@ -38,12 +38,19 @@ def _fwd_gemm_kernel(y, w, h, s, zx, part_mean, part_m2, M, HW, Wd, C, K, CE,
     rmask = rows < M
     # Each program owns one column segment, so no tile straddles zx and s; the GEMM loop is shared
     # and only the epilogue branches (see _dz_dgrad_kernel on loops inside branches).
-    nb1 = tl.cdiv(CE, BLOCK_N)
+    # SPLIT (CE > 0) is a constexpr so rla_update alone compiles without the segment selects: with
+    # them, fp32 NCHW lean tiles spilled up to 104 B on sm_90 (scripts/triton_aot.py, full tier).
     pid_n = tl.program_id(1)
-    seg2 = pid_n >= nb1
-    cols = tl.where(seg2, pid_n - nb1, pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < tl.where(seg2, K, CE)
-    wcols = cols + tl.where(seg2, CE, 0)
+    if SPLIT:
+        nb1 = tl.cdiv(CE, BLOCK_N)
+        seg2 = pid_n >= nb1
+        cols = tl.where(seg2, pid_n - nb1, pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < tl.where(seg2, K, CE)
+        wcols = cols + tl.where(seg2, CE, 0)
+    else:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < K
+        wcols = cols
     valid = rmask[:, None] & cmask[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=part_mean.dtype.element_ty)
     y_row = row_offsets(rows, HW, y_sn, y_sp)
@@ -53,11 +60,15 @@ def _fwd_gemm_kernel(y, w, h, s, zx, part_mean, part_m2, M, HW, Wd, C, K, CE,
         a = tl.load(y + y_row[:, None] + kk[None, :] * y_sc, mask=rmask[:, None] & km[None, :], other=0.0)
         b = tl.load(w + wcols[None, :] * C + kk[:, None], mask=km[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
-    if seg2:
+    if SPLIT:
+        if seg2:
+            _state_epilogue(acc, h, s, part_mean, part_m2, pid_m, rows, cols, cmask, valid, M, HW, Wd, K,
+                            h_sn, h_sc, h_sh, h_sw, s_sn, s_sp, s_sc, POOL, TRAINING, BLOCK_M)
+        else:
+            tl.store(zx + row_offsets(rows, HW, x_sn, x_sp)[:, None] + cols[None, :] * x_sc, acc, mask=valid)
+    else:
         _state_epilogue(acc, h, s, part_mean, part_m2, pid_m, rows, cols, cmask, valid, M, HW, Wd, K,
                         h_sn, h_sc, h_sh, h_sw, s_sn, s_sp, s_sc, POOL, TRAINING, BLOCK_M)
-    else:
-        tl.store(zx + row_offsets(rows, HW, x_sn, x_sp)[:, None] + cols[None, :] * x_sc, acc, mask=valid)
 
 
 @triton.jit
@@ -261,7 +272,7 @@ def state_gemm(y, w, h, s, zx, part_mean, part_m2, pool: bool, training: bool) -
 
     _fwd_gemm_kernel[grid](y, w, h, s, zxt, part_mean, part_m2, rows, hy * wy, wy, c, k, ce,
                            *pixel_strides(y), *h.stride(), *pixel_strides(s), *pixel_strides(zxt), POOL=pool,
-                           TRAINING=training, PREC=dot_precision(y.dtype))
+                           TRAINING=training, SPLIT=ce > 0, PREC=dot_precision(y.dtype))
 
 
 def tail_forward(s, part_mean, part_m2, mean, var, rec_weight, gamma, beta, eps):
