@@ -1,7 +1,7 @@
 """Compile every Triton launch of rla_ext for the H100 (sm_90) ahead of time, without a GPU.
 
     python scripts/triton_aot.py [--tier quick|full] [--self-test] [--jobs N] [--json PATH]
-                                 [--max-spill BYTES] [--kernel NAME] [--no-table]
+                                 [--max-spill BYTES] [--kernel NAME] [--op A|B|C] [--no-table]
 
 1. Record: the real launchers (rla_ext.triton_kernels.<op>.forward / backward) run on meta
    tensors (no data, so ImageNet-sized shapes cost nothing) with Triton's launch path patched:
@@ -57,6 +57,7 @@ from triton.runtime.driver import driver as _triton_driver  # noqa: E402
 from rla_ext.triton_kernels import common  # noqa: E402
 from rla_ext.triton_kernels import concat_conv_bn_act as op_a  # noqa: E402
 from rla_ext.triton_kernels import rla_update as op_b  # noqa: E402
+from rla_ext.triton_kernels import rla_update_and_entry as op_c  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_SMS = 132
@@ -81,24 +82,25 @@ _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 class Case:
     """One call of one op's forward and backward at one shape and mode."""
 
-    op: str  # "A" (concat_conv_bn_act) or "B" (rla_update)
+    op: str  # "A" (concat_conv_bn_act), "B" (rla_update) or "C" (rla_update_and_entry: B, then A on y)
     n: int
-    c: int  # x (A) / y (B) channels
+    c: int  # x (A) / y (B, C) channels
     size: int  # H = W of the activation
-    co: int = 0  # A: output channels
-    pool: bool = False  # B: h is twice the size of y and gets average-pooled
+    co: int = 0  # A, C: (entry) output channels
+    pool: bool = False  # B, C: h is twice the size of y and gets average-pooled
     dtype: torch.dtype = torch.bfloat16
     tf32: bool = False  # fp32 only: PyTorch's matmul precision set to TF32
     channels_last: bool = True
     training: bool = True
-    relu: bool = True  # A only
+    relu: bool = True  # A, C
 
     def label(self) -> str:
         dt = _DT[self.dtype]
         if self.dtype == torch.float32:
             dt += "-tf32" if self.tf32 else "-ieee"
-        shape = f"N{self.n}-C{self.c}-H{self.size}" + (f"-Co{self.co}" if self.op == "A" else "")
-        flag = ("relu" if self.relu else "linear") if self.op == "A" else ("pool" if self.pool else "nopool")
+        shape = f"N{self.n}-C{self.c}-H{self.size}" + (f"-Co{self.co}" if self.op in "AC" else "")
+        flag = "-".join(([("relu" if self.relu else "linear")] if self.op in "AC" else [])
+                        + ([("pool" if self.pool else "nopool")] if self.op in "BC" else []))
         return "-".join((self.op, shape, dt, "cl" if self.channels_last else "nchw",
                          "train" if self.training else "eval", flag))
 
@@ -110,6 +112,11 @@ ENTRIES = [(64, 56, 64), (256, 56, 64), (256, 56, 128), (512, 28, 128), (512, 28
            (1024, 14, 512), (2048, 7, 512)]
 UPDATES = [(256, 56, False), (512, 28, True), (512, 28, False), (1024, 14, True), (1024, 14, False),
            (2048, 7, True), (2048, 7, False)]
+# The block boundaries (op C): each update above followed by the next block's entry, which reads the
+# same y: (C, size, pool, entry width), in network order; the last block of stage 4 has no entry.
+BOUNDARIES = [(256, 56, False, 64), (256, 56, False, 128), (512, 28, True, 128), (512, 28, False, 128),
+              (512, 28, False, 256), (1024, 14, True, 256), (1024, 14, False, 256), (1024, 14, False, 512),
+              (2048, 7, True, 512), (2048, 7, False, 512)]
 DTYPES = [(torch.float32, False), (torch.float32, True), (torch.float16, False), (torch.bfloat16, False)]
 
 
@@ -125,8 +132,11 @@ def cases(tier: str) -> list[Case]:
                 out.append(Case("A", 256, 512, 28, co=128, dtype=dtype, tf32=tf32, training=training,
                                 relu=training))
                 out.append(Case("B", 256, 512, 28, pool=training, dtype=dtype, tf32=tf32, training=training))
+                out.append(Case("C", 256, 512, 28, co=128, pool=training, dtype=dtype, tf32=tf32,
+                                training=training, relu=training))
         out.append(Case("A", 256, 512, 28, co=128, dtype=torch.float32, channels_last=False))
         out.append(Case("B", 256, 512, 28, pool=True, dtype=torch.float32, channels_last=False))
+        out.append(Case("C", 256, 512, 28, co=128, pool=True, dtype=torch.float32, channels_last=False))
         return out
     for n in (256, 1):
         for dtype, tf32 in DTYPES:
@@ -140,6 +150,10 @@ def cases(tier: str) -> list[Case]:
                             if pool == flag:
                                 out.append(Case("B", n, c, size, pool=pool, dtype=dtype, tf32=tf32,
                                                 channels_last=cl, training=training))
+                        # The entry's activation alternates with the boundary so both meet each shape.
+                        for i, (c, size, pool, co) in enumerate(BOUNDARIES):
+                            out.append(Case("C", n, c, size, co=co, pool=pool, dtype=dtype, tf32=tf32,
+                                            channels_last=cl, training=training, relu=flag == bool(i % 2)))
     return out
 
 
@@ -161,6 +175,21 @@ def run_case(case: Case) -> None:
             stats = (None, None) if case.training else (vec(case.co), vec(case.co))
             out, z, mean, var = op_a.forward(x, h, w, vec(case.co), vec(case.co), *stats, eps, case.relu)
             op_a.backward(torch.empty_like(out), x, h, w, vec(case.co), vec(case.co), z, mean, var, eps,
+                          case.relu, case.training)
+        elif case.op == "C":
+            hs = case.size * 2 if case.pool else case.size
+            h = _act(case.n, K, hs, case)
+            y = _act(case.n, case.c, case.size, case)
+            wo = torch.empty((K, case.c), dtype=case.dtype, device="meta")
+            wr = torch.empty((K, K, 3, 3), dtype=case.dtype, device="meta")
+            we = torch.empty((case.co, case.c + K), dtype=case.dtype, device="meta")
+            stats = (None, None) if case.training else (vec(K), vec(K))
+            e_stats = (None, None) if case.training else (vec(case.co), vec(case.co))
+            h_next, s, mean, var, out, z, em, ev = op_c.forward(
+                h, y, wo, vec(K), vec(K), *stats, wr, we, vec(case.co), vec(case.co), *e_stats, case.pool,
+                eps, eps, case.relu)
+            op_c.backward(torch.empty_like(h_next), torch.empty_like(out), h, y, wo, vec(K), vec(K), wr, s,
+                          mean, var, h_next, we, vec(case.co), vec(case.co), z, em, ev, case.pool, eps, eps,
                           case.relu, case.training)
         else:
             hs = case.size * 2 if case.pool else case.size
@@ -509,7 +538,7 @@ def _config_label(config) -> str:
 
 def _kernel_modules():
     from rla_ext.triton_kernels import batchnorm, gemm
-    return (op_a, op_b, gemm, batchnorm)
+    return (op_a, op_b, op_c, gemm, batchnorm)
 
 # ------------------------------------------------------------------------------------ self-test
 # Kernels that break one rule each, to show every check can fail.
@@ -596,6 +625,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the rows and failures to this file")
     ap.add_argument("--max-spill", type=int, default=DEFAULT_MAX_SPILL, help="spill bytes allowed per kernel")
     ap.add_argument("--kernel", action="append", help="only kernels with this name (repeatable)")
+    ap.add_argument("--op", action="append", choices=("A", "B", "C"),
+                    help="only this op's cases (repeatable); skips the coverage check")
     ap.add_argument("--no-table", action="store_true", help="print the per-kernel summary only")
     ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                     help="compile in this many processes (default: the CPUs this process may use)")
@@ -610,8 +641,9 @@ def main(argv=None) -> int:
         failures += [f"self-test: {m}" for m in missed]
         print(f"self-test: {4 - len(missed)} of 4 rule-breaking kernels caught "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)
-    launches = record(cases(args.tier))
-    failures += coverage(launches)
+    launches = record([c for c in cases(args.tier) if not args.op or c.op in args.op])
+    if not args.op:
+        failures += coverage(launches)
     if args.kernel:
         launches = [lt for lt in launches if lt.name in args.kernel]
     print(f"triton {triton.__version__}, torch {torch.__version__}: {len(launches)} launches recorded "

@@ -97,3 +97,22 @@ def rla_update_backward(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, 
     else:
         dh = ds
     return dh.contiguous(memory_format=fmt), dy, dw, drec.contiguous(), dgamma, dbeta
+
+
+def rla_update_and_entry_forward(h, y, out_weight, gamma, beta, mean, var, rec_weight, entry_weight,
+                                 entry_gamma, entry_beta, entry_mean, entry_var, pool, eps, entry_eps, relu):
+    h_next, s, mean, var = rla_update_forward(h, y, out_weight, gamma, beta, mean, var, rec_weight, pool, eps)
+    out, z, emean, evar = concat_conv_bn_act_forward(y, h_next, entry_weight, entry_gamma, entry_beta,
+                                                     entry_mean, entry_var, entry_eps, relu)
+    return h_next, s, mean, var, out, z, emean, evar
+
+
+def rla_update_and_entry_backward(grad_h_next, grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean,
+                                  var, h_next, entry_weight, entry_gamma, entry_beta, z, entry_mean,
+                                  entry_var, pool, eps, entry_eps, relu, training):
+    dy_e, dh_next, dwe, dgamma_e, dbeta_e = concat_conv_bn_act_backward(
+        grad_out, y, h_next, entry_weight, entry_gamma, entry_beta, z, entry_mean, entry_var, entry_eps, relu,
+        training)
+    dh, dy, dw_out, drec, dgamma, dbeta = rla_update_backward(
+        grad_h_next + dh_next, h, y, out_weight, gamma, beta, rec_weight, s, mean, var, pool, eps, training)
+    return dh, dy + dy_e, dw_out, drec, dgamma, dbeta, dwe, dgamma_e, dbeta_e

@@ -156,12 +156,16 @@ def bn_relu_mask(xhat, gm, bt, OUT_DTYPE: tl.constexpr):
 
 @triton.jit
 def load_dz(src_ptrs, z_ptrs, mask, ch, ch_mask, mean, var, gamma, beta, dbeta, dgamma, eps, inv_count,
-            RELU: tl.constexpr, TRAINING: tl.constexpr):
+            RELU: tl.constexpr, TRAINING: tl.constexpr, RAW: tl.constexpr):
     """The BN input gradient of a [rows, channels] tile (channels along axis 1), in S.
 
     `src_ptrs` point at the gradient after the activation (op A: grad_out, masked by the ReLU
-    recomputed from z; op B: g, tanh' already applied); `z_ptrs` at the pre-BN values.
+    recomputed from z; op B: g, tanh' already applied); `z_ptrs` at the pre-BN values. RAW: src
+    already holds dz (the block boundary's materialised [dz ; ds], whose halves have different BN
+    parameters); nothing else is read.
     """
+    if RAW:
+        return tl.load(src_ptrs, mask=mask, other=0.0).to(mean.dtype.element_ty)
     mu = tl.load(mean + ch, mask=ch_mask, other=0.0)
     rstd = channel_rstd(var, ch, ch_mask, eps)
     gm = tl.load(gamma + ch, mask=ch_mask, other=0.0)

@@ -23,20 +23,26 @@ from .common import (GEMM_LEAN, GEMM_TILES, STAT_ROWS, autotune, dot_precision, 
 from .gemm import BNGrad, dz_dgrad, dz_wgrad
 
 
-@autotune(GEMM_TILES, key=["M", "C", "K", "CO", "TRAINING", "RELU", "PREC"], lean=GEMM_LEAN,
+@autotune(GEMM_TILES, key=["M", "C", "K", "CO", "TRAINING", "RELU", "ACC_INIT", "PREC"], lean=GEMM_LEAN,
           fixed_m=STAT_ROWS)
 @triton.jit
-def _fwd_kernel(x, h, w, z, out, part_mean, part_m2, mean, var, gamma, beta, M, HW, C, K, CO, eps,
-                x_sn, x_sp, x_sc, h_sn, h_sp, h_sc, z_sn, z_sp, z_sc, o_sn, o_sp, o_sc,
-                TRAINING: tl.constexpr, RELU: tl.constexpr, PREC: tl.constexpr,
+def _fwd_kernel(x, h, w, zx, z, out, part_mean, part_m2, mean, var, gamma, beta, M, HW, C, K, CO, eps,
+                x_sn, x_sp, x_sc, h_sn, h_sp, h_sc, zx_sn, zx_sp, zx_sc, z_sn, z_sp, z_sc, o_sn, o_sp, o_sc,
+                TRAINING: tl.constexpr, RELU: tl.constexpr, ACC_INIT: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ACC_INIT: the accumulator starts from zx (CO channels, stat dtype), the x-part the block
+    boundary's stacked GEMM already computed (then C = 0), so z is still rounded once."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < CO
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=part_mean.dtype.element_ty)
+    if ACC_INIT:
+        acc = tl.load(zx + row_offsets(rows, HW, zx_sn, zx_sp)[:, None] + cols[None, :] * zx_sc,
+                      mask=rmask[:, None] & cmask[None, :], other=0.0)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=part_mean.dtype.element_ty)
     x_row = row_offsets(rows, HW, x_sn, x_sp)
     for k0 in range(0, C, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -116,13 +122,15 @@ def _elementwise_block(co: int) -> int:
     return min(triton.next_power_of_2(co), 64)
 
 
-def forward(x, h, weight, gamma, beta, mean, var, eps: float, relu: bool):
-    """-> out (N, Co, H, W) and z in x's memory format, batch (or given) mean and biased var."""
-    if needs_aten(x):
-        return _aten.concat_conv_bn_act_forward(x, h, weight, gamma, beta, mean, var, eps, relu)
+def fused_forward(x, h, weight, zx, gamma, beta, mean, var, eps: float, relu: bool):
+    """out = act(bn(z)), z = zx + weight @ h (zx given: the x-part computed elsewhere, weight (Co, k)) or
+    weight @ cat(x, h) (zx None, weight (Co, C + k)). x (N, C, H, W) also fixes the format and dtype.
+    -> out, z (x's format), batch (or given) mean and biased var."""
     n, c, hh, ww = x.shape
     k = h.shape[1]
     co = weight.shape[0]
+    if zx is not None:
+        c = 0  # the x-loop is skipped; x still gives the launch its format (common.register_bound)
     assert h.dtype == x.dtype and weight.dtype == x.dtype and weight.shape[1] == c + k
     rows = n * hh * ww
     fmt = memory_format_of(x)
@@ -131,13 +139,15 @@ def forward(x, h, weight, gamma, beta, mean, var, eps: float, relu: bool):
     out = empty_act(x, co, hh, ww, fmt)
     part_mean, part_m2, _ = new_partials(rows if training else 1, co, x)
     stats = (part_mean, part_m2) if training else (mean, var)
+    zxt = z if zx is None else zx
 
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]))
 
-    _fwd_kernel[grid](x, h, weight, z, out, part_mean, part_m2, *stats, gamma, beta, rows, hh * ww, c, k, co,
-                      eps, *pixel_strides(x), *pixel_strides(h), *pixel_strides(z), *pixel_strides(out),
-                      TRAINING=training, RELU=relu, PREC=dot_precision(x.dtype))
+    _fwd_kernel[grid](x, h, weight, zxt, z, out, part_mean, part_m2, *stats, gamma, beta, rows, hh * ww, c, k,
+                      co, eps, *pixel_strides(x), *pixel_strides(h), *pixel_strides(zxt), *pixel_strides(z),
+                      *pixel_strides(out), TRAINING=training, RELU=relu, ACC_INIT=zx is not None,
+                      PREC=dot_precision(x.dtype))
     if not training:
         return out, z, mean.clone(), var.clone()
     mean, var = finalize_stats(part_mean, part_m2, rows)
@@ -148,6 +158,25 @@ def forward(x, h, weight, gamma, beta, mean, var, eps: float, relu: bool):
     return out, z, mean, var
 
 
+def bn_act_grad_sums(grad_out, z, mean, var, gamma, beta, eps: float, relu: bool):
+    """(dbeta, dgamma) of act(bn(z)) for grad_out (N, Co, H, W), in the stat dtype."""
+    n, co, hh, ww = z.shape
+    rows = n * hh * ww
+    part_g, part_gx, p = new_partials(rows, co, z)
+    bn = _elementwise_block(co)
+    _bwd_reduce_kernel[(p, triton.cdiv(co, bn))](grad_out, z, part_g, part_gx, mean, var, gamma, beta, rows,
+                                                 hh * ww, co, eps, *pixel_strides(grad_out),
+                                                 *pixel_strides(z), RELU=relu, BLOCK_M=STAT_ROWS, BLOCK_N=bn)
+    return finalize_sums(part_g, part_gx)
+
+
+def forward(x, h, weight, gamma, beta, mean, var, eps: float, relu: bool):
+    """-> out (N, Co, H, W) and z in x's memory format, batch (or given) mean and biased var."""
+    if needs_aten(x):
+        return _aten.concat_conv_bn_act_forward(x, h, weight, gamma, beta, mean, var, eps, relu)
+    return fused_forward(x, h, weight, None, gamma, beta, mean, var, eps, relu)
+
+
 def backward(grad_out, x, h, weight, gamma, beta, z, mean, var, eps: float, relu: bool, training: bool):
     """-> dx, dh (x's memory format), dweight (T), dgamma, dbeta (stat dtype)."""
     if needs_aten(x):
@@ -156,15 +185,8 @@ def backward(grad_out, x, h, weight, gamma, beta, z, mean, var, eps: float, relu
     n, c, hh, ww = x.shape
     k = h.shape[1]
     co = weight.shape[0]
-    rows = n * hh * ww
     fmt = memory_format_of(x)
-    part_g, part_gx, p = new_partials(rows, co, x)
-    bn = _elementwise_block(co)
-    _bwd_reduce_kernel[(p, triton.cdiv(co, bn))](grad_out, z, part_g, part_gx, mean, var, gamma, beta, rows,
-                                                 hh * ww,
-                                                 co, eps, *pixel_strides(grad_out), *pixel_strides(z),
-                                                 RELU=relu, BLOCK_M=STAT_ROWS, BLOCK_N=bn)
-    dbeta, dgamma = finalize_sums(part_g, part_gx)
+    dbeta, dgamma = bn_act_grad_sums(grad_out, z, mean, var, gamma, beta, eps, relu)
     dx = empty_act(x, c, hh, ww, fmt)
     dh = empty_act(x, k, hh, ww, fmt)
     bg = BNGrad(grad_out, z, mean, var, gamma, beta, dbeta, dgamma, eps, relu, training)

@@ -24,18 +24,33 @@ from .common import (CONV3X3_LEAN, CONV3X3_TILES, STAT_ROWS, STATE_GEMM_LEAN, ST
 from .gemm import BNGrad, dz_dgrad, dz_wgrad
 
 
-@autotune(STATE_GEMM_TILES, key=["M", "C", "K", "POOL", "TRAINING", "PREC"], lean=STATE_GEMM_LEAN,
+@autotune(STATE_GEMM_TILES, key=["M", "C", "K", "CE", "POOL", "TRAINING", "SPLIT", "PREC"], lean=STATE_GEMM_LEAN,
           fixed_m=STAT_ROWS)
 @triton.jit
-def _fwd_gemm_kernel(y, w, h, s, part_mean, part_m2, M, HW, Wd, C, K,
-                     y_sn, y_sp, y_sc, h_sn, h_sc, h_sh, h_sw, s_sn, s_sp, s_sc,
-                     POOL: tl.constexpr, TRAINING: tl.constexpr, PREC: tl.constexpr,
+def _fwd_gemm_kernel(y, w, h, s, zx, part_mean, part_m2, M, HW, Wd, C, K, CE,
+                     y_sn, y_sp, y_sc, h_sn, h_sc, h_sh, h_sw, s_sn, s_sp, s_sc, x_sn, x_sp, x_sc,
+                     POOL: tl.constexpr, TRAINING: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y @ w^T for w = (CE + K, C): the first CE output columns (the block boundary's entry share,
+    CE = 0 for rla_update alone) are stored unrounded into zx (stat dtype), the last K become s."""
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < K
+    # Each program owns one column segment, so no tile straddles zx and s; the GEMM loop is shared
+    # and only the epilogue branches (see _dz_dgrad_kernel on loops inside branches).
+    # SPLIT (CE > 0) is a constexpr so rla_update alone compiles without the segment selects: with
+    # them, fp32 NCHW lean tiles spilled up to 104 B on sm_90 (scripts/triton_aot.py, full tier).
+    pid_n = tl.program_id(1)
+    if SPLIT:
+        nb1 = tl.cdiv(CE, BLOCK_N)
+        seg2 = pid_n >= nb1
+        cols = tl.where(seg2, pid_n - nb1, pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < tl.where(seg2, K, CE)
+        wcols = cols + tl.where(seg2, CE, 0)
+    else:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < K
+        wcols = cols
     valid = rmask[:, None] & cmask[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=part_mean.dtype.element_ty)
     y_row = row_offsets(rows, HW, y_sn, y_sp)
@@ -43,8 +58,24 @@ def _fwd_gemm_kernel(y, w, h, s, part_mean, part_m2, M, HW, Wd, C, K,
         kk = k0 + tl.arange(0, BLOCK_K)
         km = kk < C
         a = tl.load(y + y_row[:, None] + kk[None, :] * y_sc, mask=rmask[:, None] & km[None, :], other=0.0)
-        b = tl.load(w + cols[None, :] * C + kk[:, None], mask=km[:, None] & cmask[None, :], other=0.0)
+        b = tl.load(w + wcols[None, :] * C + kk[:, None], mask=km[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
+    if SPLIT:
+        if seg2:
+            _state_epilogue(acc, h, s, part_mean, part_m2, pid_m, rows, cols, cmask, valid, M, HW, Wd, K,
+                            h_sn, h_sc, h_sh, h_sw, s_sn, s_sp, s_sc, POOL, TRAINING, BLOCK_M)
+        else:
+            tl.store(zx + row_offsets(rows, HW, x_sn, x_sp)[:, None] + cols[None, :] * x_sc, acc, mask=valid)
+    else:
+        _state_epilogue(acc, h, s, part_mean, part_m2, pid_m, rows, cols, cmask, valid, M, HW, Wd, K,
+                        h_sn, h_sc, h_sh, h_sw, s_sn, s_sp, s_sc, POOL, TRAINING, BLOCK_M)
+
+
+@triton.jit
+def _state_epilogue(acc, h, s, part_mean, part_m2, pid_m, rows, cols, cmask, valid, M, HW, Wd, K,
+                    h_sn, h_sc, h_sh, h_sw, s_sn, s_sp, s_sc,
+                    POOL: tl.constexpr, TRAINING: tl.constexpr, BLOCK_M: tl.constexpr):
+    """s = acc + pool?(h), rounded and stored, with its BN partials (training)."""
     n = rows // HW
     p = rows - n * HW
     i = p // Wd
@@ -182,7 +213,11 @@ def _wgrad3x3_kernel(go, s, wpart, mean, var, gamma, beta, M, HW, H, Wd, K, rows
 @triton.jit
 def _dh_kernel(g, s, dh, mean, var, gamma, beta, dbeta, dgamma, M, HW, Wd, K, eps, inv_count,
                g_sn, g_sp, g_sc, s_sn, s_sp, s_sc, d_sn, d_sc, d_sh, d_sw,
-               POOL: tl.constexpr, TRAINING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               POOL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """dh = unpool?(dz) for dz rebuilt from (g, s), or (POOL=False, any dh strides) dz stored into a
+    channel slice of another tensor: the block boundary materialises its [dz ; ds] this way (RELU:
+    g is the gradient after a ReLU, as op A's grad_out)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < M
@@ -190,7 +225,7 @@ def _dh_kernel(g, s, dh, mean, var, gamma, beta, dbeta, dgamma, M, HW, Wd, K, ep
     valid = rmask[:, None] & cmask[None, :]
     dz = load_dz(g + row_offsets(rows, HW, g_sn, g_sp)[:, None] + cols[None, :] * g_sc,
                  s + row_offsets(rows, HW, s_sn, s_sp)[:, None] + cols[None, :] * s_sc, valid, cols, cmask,
-                 mean, var, gamma, beta, dbeta, dgamma, eps, inv_count, False, TRAINING)
+                 mean, var, gamma, beta, dbeta, dgamma, eps, inv_count, RELU, TRAINING, False)
     n = rows // HW
     p = rows - n * HW
     i = p // Wd
@@ -220,6 +255,79 @@ def _conv3x3(src, w, out, s, mean, var, gamma, beta, part_g, part_gx, eps, trans
                           TRANSPOSED=transposed, PREC=dot_precision(out.dtype))
 
 
+def state_gemm(y, w, h, s, zx, part_mean, part_m2, pool: bool, training: bool) -> None:
+    """s = pool?(h) + y @ w[CE:]^T (+ BN partials when training) and zx = y @ w[:CE]^T in ONE GEMM.
+
+    y (N, C, H, W); w (CE + k, C) contiguous; s (N, k, H, W); zx (N, CE, H, W) in the stat dtype, or
+    None (CE = 0)."""
+    n, c, hy, wy = y.shape
+    k = s.shape[1]
+    ce = 0 if zx is None else zx.shape[1]
+    rows = n * hy * wy
+    zxt = s if zx is None else zx
+
+    def grid(meta):
+        bn = meta["BLOCK_N"]
+        return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(ce, bn) + triton.cdiv(k, bn))
+
+    _fwd_gemm_kernel[grid](y, w, h, s, zxt, part_mean, part_m2, rows, hy * wy, wy, c, k, ce,
+                           *pixel_strides(y), *h.stride(), *pixel_strides(s), *pixel_strides(zxt), POOL=pool,
+                           TRAINING=training, SPLIT=ce > 0, PREC=dot_precision(y.dtype))
+
+
+def tail_forward(s, part_mean, part_m2, mean, var, rec_weight, gamma, beta, eps):
+    """The update after s: statistics (finalized from the partials when mean is None), then
+    out = conv3x3(tanh(bn(s))). -> out (s's shape and format), mean, var."""
+    if mean is None:
+        mean, var = finalize_stats(part_mean, part_m2, s.shape[0] * s.shape[2] * s.shape[3])
+    else:
+        mean, var = mean.clone(), var.clone()
+    out = empty_act(s, s.shape[1], s.shape[2], s.shape[3], memory_format_of(s))
+    _conv3x3(s, rec_weight, out, s, mean, var, gamma, beta, part_mean, part_m2, eps, False)
+    return out, mean, var
+
+
+def tail_backward(grad_out, s, rec_weight, gamma, beta, mean, var, eps):
+    """Backward of tail_forward down to the BN: -> g = d tanh(bn(s)) (s's format), dbeta, dgamma, drec."""
+    n, k, hy, wy = s.shape
+    rows = n * hy * wy
+    g = empty_act(s, k, hy, wy, memory_format_of(s))
+    part_g, part_gx, _ = new_partials(rows, k, s)
+    _conv3x3(grad_out, rec_weight, g, s, mean, var, gamma, beta, part_g, part_gx, eps, True)
+    dbeta, dgamma = finalize_sums(part_g, part_gx)
+
+    splits, chunk = split_rows(rows, 9 * triton.cdiv(k, 32) ** 2, s.device)
+    wpart = mean.new_empty((splits, k, k * 9))
+
+    def wgrid(meta):
+        return (triton.cdiv(k, meta["BLOCK_M"]), 9 * triton.cdiv(k, meta["BLOCK_N"]), splits)
+
+    _wgrad3x3_kernel[wgrid](grad_out, s, wpart, mean, var, gamma, beta, rows, hy * wy, hy, wy, k, chunk, eps,
+                            *pixel_strides(grad_out), *s.stride(), PREC=dot_precision(s.dtype))
+    drec = (wpart[0] if splits == 1 else wpart.sum(dim=0)).to(s.dtype).reshape(k, k, 3, 3)
+    return g, dbeta, dgamma, drec
+
+
+def store_dz(g, z, dst, mean, var, gamma, beta, dbeta, dgamma, eps, pool: bool, relu: bool,
+             training: bool) -> None:
+    """dst = unpool?(dz), dz the BN input gradient rebuilt from (g, z) (N, CO, H, W); dst (N, CO, H', W')
+    any strided 4-D tensor (a channel slice included), (H', W') >= 2 (H, W) when pooling."""
+    n, co, hy, wy = z.shape
+    rows = n * hy * wy
+    bn = min(triton.next_power_of_2(co), 64)
+    _dh_kernel[(triton.cdiv(rows, STAT_ROWS), triton.cdiv(co, bn))](
+        g, z, dst, mean, var, gamma, beta, dbeta, dgamma, rows, hy * wy, wy, co, eps, 1.0 / rows,
+        *pixel_strides(g), *pixel_strides(z), *dst.stride(), POOL=pool, RELU=relu, TRAINING=training,
+        BLOCK_M=STAT_ROWS, BLOCK_N=bn)
+
+
+def new_dh(y, s, h, pool: bool):
+    """dh's buffer: with pooling, rows/columns of h beyond 2H / 2W never reach the output and get 0."""
+    hh, wh = h.shape[2], h.shape[3]
+    return empty_act(y, s.shape[1], hh, wh, memory_format_of(y),
+                     zero=pool and (hh != 2 * s.shape[2] or wh != 2 * s.shape[3]))
+
+
 def forward(h, y, out_weight, gamma, beta, mean, var, rec_weight, pool: bool, eps: float):
     """-> out (N, k, H, W) and s in y's memory format, batch (or given) mean and biased var."""
     if needs_aten(y):
@@ -228,23 +336,11 @@ def forward(h, y, out_weight, gamma, beta, mean, var, rec_weight, pool: bool, ep
     k = out_weight.shape[0]
     assert h.shape[1] == k and rec_weight.shape == (k, k, 3, 3)
     rows = n * hy * wy
-    fmt = memory_format_of(y)
     training = mean is None
-    s = empty_act(y, k, hy, wy, fmt)
+    s = empty_act(y, k, hy, wy, memory_format_of(y))
     part_mean, part_m2, _ = new_partials(rows if training else 1, k, y)
-
-    def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"]))
-
-    _fwd_gemm_kernel[grid](y, out_weight, h, s, part_mean, part_m2, rows, hy * wy, wy, c, k,
-                           *pixel_strides(y), *h.stride(), *pixel_strides(s), POOL=pool, TRAINING=training,
-                           PREC=dot_precision(y.dtype))
-    if training:
-        mean, var = finalize_stats(part_mean, part_m2, rows)
-    else:
-        mean, var = mean.clone(), var.clone()
-    out = empty_act(y, k, hy, wy, fmt)
-    _conv3x3(s, rec_weight, out, s, mean, var, gamma, beta, part_mean, part_m2, eps, False)
+    state_gemm(y, out_weight, h, s, None, part_mean, part_m2, pool, training)
+    out, mean, var = tail_forward(s, part_mean, part_m2, mean, var, rec_weight, gamma, beta, eps)
     return out, s, mean, var
 
 
@@ -256,33 +352,11 @@ def backward(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean, var, 
                                          pool, eps, training)
     n, c, hy, wy = y.shape
     k = out_weight.shape[0]
-    rows = n * hy * wy
-    fmt = memory_format_of(y)
-    g = empty_act(y, k, hy, wy, fmt)
-    part_g, part_gx, _ = new_partials(rows, k, y)
-    _conv3x3(grad_out, rec_weight, g, s, mean, var, gamma, beta, part_g, part_gx, eps, True)
-    dbeta, dgamma = finalize_sums(part_g, part_gx)
+    g, dbeta, dgamma, drec = tail_backward(grad_out, s, rec_weight, gamma, beta, mean, var, eps)
     bg = BNGrad(g, s, mean, var, gamma, beta, dbeta, dgamma, eps, False, training)
-    dy = empty_act(y, c, hy, wy, fmt)
+    dy = empty_act(y, c, hy, wy, memory_format_of(y))
     dz_dgrad(bg, out_weight, dy, None)
     dout_weight = dz_wgrad(bg, y, None, k)
-
-    splits, chunk = split_rows(rows, 9 * triton.cdiv(k, 32) ** 2, y.device)
-    wpart = mean.new_empty((splits, k, k * 9))
-
-    def wgrid(meta):
-        return (triton.cdiv(k, meta["BLOCK_M"]), 9 * triton.cdiv(k, meta["BLOCK_N"]), splits)
-
-    _wgrad3x3_kernel[wgrid](grad_out, s, wpart, mean, var, gamma, beta, rows, hy * wy, hy, wy, k, chunk, eps,
-                            *pixel_strides(grad_out), *s.stride(), PREC=dot_precision(y.dtype))
-    drec = (wpart[0] if splits == 1 else wpart.sum(dim=0)).to(y.dtype).reshape(k, k, 3, 3)
-
-    hh, wh = h.shape[2], h.shape[3]
-    # With pooling, rows/columns of h beyond 2H / 2W never reach the output: their gradient is 0.
-    dh = empty_act(y, k, hh, wh, fmt, zero=pool and (hh != 2 * hy or wh != 2 * wy))
-    bn = min(triton.next_power_of_2(k), 64)
-    _dh_kernel[(triton.cdiv(rows, STAT_ROWS), triton.cdiv(k, bn))](
-        g, s, dh, mean, var, gamma, beta, dbeta, dgamma, rows, hy * wy, wy, k, eps, 1.0 / rows,
-        *pixel_strides(g), *pixel_strides(s), *dh.stride(), POOL=pool, TRAINING=training, BLOCK_M=STAT_ROWS,
-        BLOCK_N=bn)
+    dh = new_dh(y, s, h, pool)
+    store_dz(g, s, dh, mean, var, gamma, beta, dbeta, dgamma, eps, pool, False, training)
     return dh, dy, dout_weight, drec, dgamma, dbeta

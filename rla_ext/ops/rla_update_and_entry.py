@@ -25,9 +25,9 @@ from rla_ext.ops.concat_conv_bn_act import concat_conv_bn_act
 from rla_ext.ops.rla_update import rla_update
 
 _OP = "rla_update_and_entry"
-# Backends with a kernel pair for this op. The others are refused by name (not written yet).
-FUSED = ("cpp", "cuda")
-# The dispatch key each fused backend's kernels are registered under (one schema, csrc/ops.cpp).
+# Backends with a kernel pair for this op (every fused backend).
+FUSED = ("cpp", "cuda", "triton")
+# The dispatch key of the extension's kernels for each backend that has them (one schema, csrc/ops.cpp).
 _DISPATCH_KEY = {"cpp": "CPU", "cuda": "CUDA"}
 
 
@@ -41,25 +41,14 @@ def _kernel_registered(dispatch_key: str) -> bool:
         for p in ("fwd", "bwd"))
 
 
-def _cpp_kernel_registered() -> bool:
-    """Whether the loaded rla_ext._C has this op's CPU kernels."""
-    return _kernel_registered("CPU")
-
-
 def _check_backend(backend: str | None, device: torch.device, size: tuple[int, int]) -> str:
-    """The concrete backend: "torch" or one of FUSED. A backend without kernels for this op (triton),
-    asked for by argument, context or default, raises BackendUnavailableError; "auto" picks among the
-    backends this op has."""
+    """The concrete backend: "torch" or one of FUSED ("auto" picks among them). triton runs on CUDA
+    tensors, and on CPU tensors under Triton's interpreter (_backend.resolve)."""
     requested = _backend.get_backend() if backend is None else _backend._check_name(backend)
-    if requested in _backend.BACKENDS and requested != "torch" and requested not in FUSED:
-        raise _backend.BackendUnavailableError(
-            f"backend {requested!r} is not available for {_OP}: its {requested} kernels are not written yet; "
-            f"use backend='cpp' (CPU), 'cuda' (CUDA) or 'torch' (any device), or call rla_update and "
-            "concat_conv_bn_act")
     name = _backend.resolve(requested, device, _OP, size)
     if name not in FUSED:
         return "torch"
-    if not _kernel_registered(_DISPATCH_KEY[name]):
+    if name in _DISPATCH_KEY and not _kernel_registered(_DISPATCH_KEY[name]):
         if requested == "auto":
             return "torch"
         raise _backend.BackendUnavailableError(
@@ -204,8 +193,9 @@ def rla_update_and_entry(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Te
         process_group: statistics synchronised over that group when training; the boundary then runs as
             the two (synchronised) ops on the chosen backend, unfused.
     Backends: ``torch`` (the composition of the two reference ops), ``cpp`` (the fused CPU kernel) and
-        ``cuda`` (the fused CUDA kernels, CUDA tensors); ``auto`` picks among these. The ``triton``
-        kernels are not written yet: asking for them raises ``BackendUnavailableError``.
+        ``cuda`` (the fused CUDA kernels, CUDA tensors) and ``triton`` (CUDA tensors, or CPU tensors under
+        Triton's interpreter); ``auto`` picks among these. The cuda and triton kernels have been proved
+        on CPU only (CUDA emulator, Triton interpreter) until a GPU run.
     Dtypes: float16, bfloat16, float32, float64 (statistics in float32, float64 for float64). Under
     ``torch.autocast`` h, y and the three conv weights run in the autocast dtype (float64 excepted).
     """

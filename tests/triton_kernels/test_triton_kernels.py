@@ -22,6 +22,7 @@ if DEVICE == "cpu" and not INTERPRET:
 
 from rla_ext.triton_kernels import concat_conv_bn_act as op_a  # noqa: E402
 from rla_ext.triton_kernels import rla_update as op_b  # noqa: E402
+from rla_ext.triton_kernels import rla_update_and_entry as op_c  # noqa: E402
 
 EPS = 1e-5
 # (atol, rtol) against the float64 reference, per activation dtype.
@@ -186,6 +187,125 @@ def test_rla_update(dtype, fmt, training, pool, shape):
     assert fmt_of(grads[0]) == fmt_of(y) and fmt_of(grads[1]) == fmt_of(y)
     if pool and hh % 2:
         assert torch.all(grads[0][:, :, -1] == 0), "rows of h beyond 2H get zero gradient"
+
+
+# ---------------------------------------------------------------- op C: rla_update_and_entry
+# The block boundary equals op B then op A on (y, h_next): checked against that composition of the
+# two Triton ops and against the float64 torch reference, values, batch statistics and every gradient.
+
+def case_c(n, c, k, ce, hh, ww, pool, dtype, fmt, training, seed=0):
+    h, y, wo, gamma, beta, mean, var, wr = case_b(n, c, k, hh, ww, pool, dtype, fmt, training, seed)
+    _, _, we, e_gamma, e_beta, e_mean, e_var = case_a(n, c, k, ce, y.shape[2], y.shape[3], dtype, fmt,
+                                                      training, seed + 1)
+    return h, y, wo, gamma, beta, mean, var, wr, we, e_gamma, e_beta, e_mean, e_var
+
+
+C_GRADS = ("dh", "dy", "dout_weight", "drec_weight", "dgamma", "dbeta", "dentry_weight", "dentry_gamma",
+           "dentry_beta")
+
+
+def _c_upstream(h_next, out, dtype, fmt):
+    gen = torch.Generator().manual_seed(7)
+    return act(h_next.shape, dtype, fmt, gen=gen), act(out.shape, dtype, fmt, gen=gen)
+
+
+# (N, C, k, Ce, Hh, Wh): h's odd sides make pooling drop its last row / column; k = 19, Ce = 17 are
+# not multiples of the interpreter's 16-wide tiles.
+@pytest.mark.parametrize("dtype,fmt,training,pool,shape",
+                         grid("pool", [(2, 5, 3, 7, 7, 5), (1, 18, 19, 17, 5, 6)]))
+def test_rla_update_and_entry(dtype, fmt, training, pool, shape):
+    fmt = FORMATS[fmt]
+    n, c, k, ce, hh, ww = shape
+    relu = training != pool
+    args = case_c(*shape, pool, dtype, fmt, training)
+    h, y, wo, gamma, beta, mean, var, wr, we, e_gamma, e_beta, e_mean, e_var = args
+    res = op_c.forward(*args, pool, EPS, EPS, relu)
+    h_next, s, m, v, out, z, em, ev = res
+    hy, wy = y.shape[2], y.shape[3]
+    for t, ch in ((h_next, k), (s, k), (out, ce), (z, ce)):
+        assert t.dtype == dtype and t.shape == (n, ch, hy, wy) and fmt_of(t) == fmt_of(y)
+    for t in (m, v, em, ev):
+        assert t.dtype == stat(dtype)
+
+    # The two Triton ops it fuses.
+    b_out, b_s, b_m, b_v = op_b.forward(h, y, wo, gamma, beta, mean, var, wr, pool, EPS)
+    a_out, a_z, a_m, a_v = op_a.forward(y, b_out, we, e_gamma, e_beta, e_mean, e_var, EPS, relu)
+    for name, got, want in zip(("h_next", "s", "mean", "var", "out", "z", "entry_mean", "entry_var"), res,
+                               (b_out, b_s, b_m, b_v, a_out, a_z, a_m, a_v)):
+        close(got, want, dtype, f"{name} vs the two triton ops")
+
+    # The float64 torch reference, and autograd through it for both outputs.
+    d = [t.double().requires_grad_() for t in (h, y, wo, gamma, beta, wr, we, e_gamma, e_beta)]
+    r_hn, r_s, r_m, r_v = ref_b(*d[:5], None if training else mean.double(),
+                                None if training else var.double(), d[5], pool)
+    r_out, r_z, r_em, r_ev = ref_a(d[1], r_hn, *d[6:], None if training else e_mean.double(),
+                                   None if training else e_var.double(), relu)
+    for name, got, want in zip(("h_next", "s", "mean", "var", "out", "z", "entry_mean", "entry_var"), res,
+                               (r_hn, r_s, r_m, r_v, r_out, r_z, r_em, r_ev)):
+        close(got, want, dtype, name)
+
+    gh, go = _c_upstream(h_next, out, dtype, fmt)
+    grads = op_c.backward(gh, go, h, y, wo, gamma, beta, wr, s, m, v, h_next, we, e_gamma, e_beta, z, em, ev,
+                          pool, EPS, EPS, relu, training)
+    want = torch.autograd.grad((r_hn, r_out), d, (gh.double(), go.double()))
+    want = (want[0], want[1], want[2], want[5], want[3], want[4], want[6], want[7], want[8])
+    likes = (h, y, wo, wr, gamma, beta, we, e_gamma, e_beta)
+    for name, got, ref, like in zip(C_GRADS, grads, want, likes):
+        assert got.shape == like.shape and got.dtype == like.dtype, name
+        close(got, ref, dtype, name, scale=10.0)
+    assert fmt_of(grads[0]) == fmt_of(y) and fmt_of(grads[1]) == fmt_of(y)
+    if pool and hh % 2:
+        assert torch.all(grads[0][:, :, -1] == 0), "rows of h beyond 2H get zero gradient"
+
+    # Backward of the two Triton ops: autograd would sum h_next's two gradients, and y's.
+    a_g = op_a.backward(go, y, b_out, we, e_gamma, e_beta, a_z, a_m, a_v, EPS, relu, training)
+    b_g = op_b.backward(gh + a_g[1], h, y, wo, gamma, beta, wr, b_s, b_m, b_v, pool, EPS, training)
+    two = (b_g[0], b_g[1] + a_g[0], *b_g[2:], *a_g[2:])
+    for name, got, ref in zip(C_GRADS, grads, two):
+        close(got, ref, dtype, f"{name} vs the two triton ops", scale=10.0)
+
+
+def test_rla_update_and_entry_half_precision():
+    """float16 (bfloat16 on a GPU only, as above) against the float64 reference: forward values and
+    finite gradients of the right dtypes."""
+    dtypes = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+    for dtype in dtypes:
+        args = case_c(2, 5, 3, 7, 7, 5, True, dtype, torch.channels_last, True)
+        h_next, s, m, v, out, z, em, ev = op_c.forward(*args, True, EPS, EPS, True)
+        d = [t if t is None else t.double() for t in args]
+        r_hn, *_ = ref_b(*d[:5], None, None, d[7], True)
+        r_out, *_ = ref_a(d[1], r_hn, d[8], d[9], d[10], None, None, True)
+        atol = 2e-2 if dtype == torch.float16 else 8e-2
+        torch.testing.assert_close(h_next.double(), r_hn, atol=atol, rtol=atol)
+        torch.testing.assert_close(out.double(), r_out, atol=atol, rtol=atol)
+        h, y, wo, gamma, beta, _, _, wr, we, e_gamma, e_beta, _, _ = args
+        gh, go = _c_upstream(h_next, out, dtype, torch.channels_last)
+        grads = op_c.backward(gh, go, h, y, wo, gamma, beta, wr, s, m, v, h_next, we, e_gamma, e_beta, z, em,
+                              ev, True, EPS, EPS, True, True)
+        for name, g, like in zip(C_GRADS, grads, (h, y, wo, wr, gamma, beta, we, e_gamma, e_beta)):
+            assert g.dtype == like.dtype and torch.isfinite(g).all(), name
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_rla_update_and_entry_aten_fallback(training):
+    """The ATen composition float64 takes on a GPU, run here on CPU against the kernels."""
+    from rla_ext.triton_kernels import _aten
+
+    args = [t if t is None else t.cpu() for t in case_c(2, 5, 3, 7, 7, 5, True, torch.float64,
+                                                        torch.channels_last, training)]
+    if DEVICE == "cuda":
+        pytest.skip("the kernels run fp64 through this fallback on a GPU: compared on CPU only")
+    got = _aten.rla_update_and_entry_forward(*args, True, EPS, EPS, True)
+    want = op_c.forward(*args, True, EPS, EPS, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    h, y, wo, gamma, beta, _, _, wr, we, e_gamma, e_beta, _, _ = args
+    h_next, s, m, v, out, z, em, ev = want
+    gh, go = _c_upstream(h_next, out, torch.float64, torch.channels_last)
+    bwd = (gh, go, h, y, wo, gamma, beta, wr, s, m, v, h_next, we, e_gamma, e_beta, z, em, ev, True, EPS, EPS,
+           True, training)
+    for name, a, b in zip(C_GRADS, _aten.rla_update_and_entry_backward(*bwd), op_c.backward(*bwd)):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 # ---------------------------------------------------------------- statistics and determinism
