@@ -48,10 +48,6 @@ UNFUSED = "unfused"
 UNFUSED_OPS: dict[str, tuple[str, ...]] = {"rla_update_and_entry": ("rla_update", "concat_conv_bn_act")}
 # Only the backends the fused op has kernels on: elsewhere there is no fused row to compare with.
 UNFUSED_PROVIDERS = tuple(f"{UNFUSED}+{b}" for b in _OP_BOUNDARY.FUSED)
-# Ops that refuse the fused backends they have no kernels for (BackendUnavailableError), -> the backends
-# they have; their rows on the others are "unavailable". (The 3x3 entry instead runs its reference
-# there, and its rows say so: see make_op_case.)
-OP_FUSED_ONLY: dict[str, tuple[str, ...]] = {"rla_update_and_entry": _OP_BOUNDARY.FUSED}
 PROVIDERS = (EAGER, COMPILE, AUTO) + FUSED_BACKENDS + UNFUSED_PROVIDERS + COMPILED_FUSED
 
 
@@ -201,10 +197,6 @@ def check_provider(provider: str, device: torch.device, op: str | None = None) -
     if is_unfused(provider) and op not in UNFUSED_OPS:  # blocks and models (op None) included
         raise CaseUnavailable(f"{provider} times the ops a fused op replaces, which only "
                               f"{', '.join(UNFUSED_OPS)} has; not {op or 'a block or model'}")
-    # The op's own reason first: it holds on any device, unlike the device check below.
-    if op in OP_FUSED_ONLY and not is_unfused(provider) and backend not in OP_FUSED_ONLY[op]:
-        raise CaseUnavailable(f"{op} has no {backend} kernels (not written yet; its backends: torch, "
-                              f"{', '.join(OP_FUSED_ONLY[op])}), so backend {backend!r} refuses it")
     reason = rla_ext._backend.unavailable_reason(backend, device)
     if reason is not None:
         raise CaseUnavailable(reason)
