@@ -126,10 +126,12 @@ class Autotuned:
     """
 
     def __init__(self, fn, configs: list[triton.Config], key: list[str], bucketed: tuple[str, ...] = (),
-                 lean_configs: list[triton.Config] | None = None):
+                 lean_configs: list[triton.Config] | None = None,
+                 lean_flags: dict[str, list[triton.Config]] | None = None):
         self.fn = fn
         self.configs = configs
         self.lean_configs = lean_configs or configs
+        self.lean_flags = lean_flags or {}
         self.key = key
         self.bucketed = bucketed
         self.cache: dict[tuple, triton.Config] = {}
@@ -144,7 +146,9 @@ class Autotuned:
         return self.fn[grid](*args, **kwargs, **config.all_kwargs())
 
     def candidates(self, args, kwargs) -> list[triton.Config]:
-        return self.lean_configs if register_bound(args, kwargs) else self.configs
+        if not register_bound(args, kwargs):
+            return self.configs
+        return next((c for flag, c in self.lean_flags.items() if kwargs.get(flag)), self.lean_configs)
 
     def key_of(self, args, kwargs) -> tuple:
         named = dict(zip(self.fn.arg_names, args))
@@ -179,11 +183,14 @@ class Autotuned:
 
 
 def autotune(tiles: list[tuple[int, ...]], key: list[str], *, lean: list[tuple[int, ...]] | None = None,
-             bucketed: tuple[str, ...] = ("M",), fixed_m: int | None = None):
+             lean_if: dict[str, list[tuple[int, ...]]] | None = None, bucketed: tuple[str, ...] = ("M",),
+             fixed_m: int | None = None):
     """Decorator: ``@autotune(TILES, key=[...], lean=LEAN_TILES)`` over ``@triton.jit`` (see
-    Autotuned); `lean` tiles serve register-bound calls (default: the same tiles)."""
+    Autotuned); `lean` tiles serve register-bound calls (default: the same tiles); `lean_if` maps a
+    constexpr flag to the tiles of a register-bound call that sets it (a variant that needs leaner ones)."""
+    lean_flags = {flag: configs(t, fixed_m=fixed_m) for flag, t in (lean_if or {}).items()}
     return lambda fn: Autotuned(fn, configs(tiles, fixed_m=fixed_m), key, bucketed,
-                                configs(lean, fixed_m=fixed_m) if lean else None)
+                                configs(lean, fixed_m=fixed_m) if lean else None, lean_flags)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). N is often k = 32 (the RLA state), hence narrow tiles.
@@ -206,6 +213,9 @@ DGRAD_TILES = [
     (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
 ]
 DGRAD_LEAN = [(64, 64, 32, 4, 4), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3)]  # 128 rows at 4 warps: 728 B
+# The block boundary's dgrad over a stored dP (RAW loads, no BN rebuild): its 128-column lean tiles
+# spilled 88-112 B in fp32 NCHW on sm_90.
+DGRAD_RAW_LEAN = DGRAD_LEAN[:1]
 # GEMMs whose N is the RLA state width k (32 by default): out1x1(y) in op B's forward.
 STATE_GEMM_TILES = [
     (64, 32, 64, 4, 4),

@@ -30,19 +30,17 @@ def _fwd_kernel(x, h, w, zx, z, out, part_mean, part_m2, mean, var, gamma, beta,
                 x_sn, x_sp, x_sc, h_sn, h_sp, h_sc, zx_sn, zx_sp, zx_sc, z_sn, z_sp, z_sc, o_sn, o_sp, o_sc,
                 TRAINING: tl.constexpr, RELU: tl.constexpr, ACC_INIT: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """ACC_INIT: the accumulator starts from zx (CO channels, stat dtype), the x-part the block
-    boundary's stacked GEMM already computed (then C = 0), so z is still rounded once."""
+    """ACC_INIT: zx (CO channels, stat dtype), the x-part the block boundary's stacked GEMM already
+    computed (then C = 0), is added to the accumulator before z is rounded once. It is loaded after the
+    reduction: loaded before it, its tile stayed live across the loop and fp32 NCHW tiles spilled on
+    sm_90 (72-112 B, scripts/triton_aot.py full tier)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < CO
-    if ACC_INIT:
-        acc = tl.load(zx + row_offsets(rows, HW, zx_sn, zx_sp)[:, None] + cols[None, :] * zx_sc,
-                      mask=rmask[:, None] & cmask[None, :], other=0.0)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=part_mean.dtype.element_ty)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=part_mean.dtype.element_ty)
     x_row = row_offsets(rows, HW, x_sn, x_sp)
     for k0 in range(0, C, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -58,8 +56,11 @@ def _fwd_kernel(x, h, w, zx, z, out, part_mean, part_m2, mean, var, gamma, beta,
         b = tl.load(w + cols[None, :] * (C + K) + C + kk[:, None], mask=km[:, None] & cmask[None, :],
                     other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
-    zt = acc.to(z.dtype.element_ty)
     valid = rmask[:, None] & cmask[None, :]
+    if ACC_INIT:
+        acc += tl.load(zx + row_offsets(rows, HW, zx_sn, zx_sp)[:, None] + cols[None, :] * zx_sc, mask=valid,
+                       other=0.0)
+    zt = acc.to(z.dtype.element_ty)
     tl.store(z + row_offsets(rows, HW, z_sn, z_sp)[:, None] + cols[None, :] * z_sc, zt, mask=valid)
     zs = zt.to(part_mean.dtype.element_ty)
     if TRAINING:

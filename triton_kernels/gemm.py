@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from .batchnorm import load_dz
-from .common import (DGRAD_LEAN, DGRAD_TILES, WGRAD_LEAN, WGRAD_TILES, autotune, dot_precision, pixel_strides,
-                     row_offsets, split_rows, stat_dtype)
+from .common import (DGRAD_LEAN, DGRAD_RAW_LEAN, DGRAD_TILES, WGRAD_LEAN, WGRAD_TILES, autotune, dot_precision,
+                     pixel_strides, row_offsets, split_rows, stat_dtype)
 
 
 @triton.jit
@@ -48,7 +48,8 @@ def _store_act_tile(out, acc, rows, rmask, cols, cmask, HW, o_sn, o_sp, o_sc):
              mask=rmask[:, None] & cmask[None, :])
 
 
-@autotune(DGRAD_TILES, key=["M", "CO", "C1", "C2", "RELU", "TRAINING", "RAW", "PREC"], lean=DGRAD_LEAN)
+@autotune(DGRAD_TILES, key=["M", "CO", "C1", "C2", "RELU", "TRAINING", "RAW", "PREC"], lean=DGRAD_LEAN,
+          lean_if={"RAW": DGRAD_RAW_LEAN})
 @triton.jit
 def _dz_dgrad_kernel(src, zp, w, out1, out2, mean, var, gamma, beta, dbeta, dgamma, M, HW, CO, C1, C2, eps,
                      inv_count, s_sn, s_sp, s_sc, z_sn, z_sp, z_sc, o1_sn, o1_sp, o1_sc, o2_sn, o2_sp, o2_sc,

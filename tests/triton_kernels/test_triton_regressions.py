@@ -191,6 +191,14 @@ def test_register_bound_calls_take_lean_tiles():
     kern = sys.modules["rla_ext.triton_kernels.gemm"]._dz_wgrad_kernel
     assert kern.candidates((nchw,), {"PREC": "tf32"}) is kern.lean_configs
     assert kern.candidates((cl,), {"PREC": "tf32"}) is kern.configs
+    # The dgrad over a stored dP (RAW) takes its own, leaner tiles when register-bound (128-column
+    # lean tiles spilled there), and the usual ones otherwise.
+    dgrad = sys.modules["rla_ext.triton_kernels.gemm"]._dz_dgrad_kernel
+    raw = dgrad.candidates((nchw,), {"PREC": "ieee", "RAW": True})
+    assert raw is dgrad.lean_flags["RAW"]
+    assert all(c.kwargs["BLOCK_N"] <= 64 for c in raw)
+    assert dgrad.candidates((nchw,), {"PREC": "ieee", "RAW": False}) is dgrad.lean_configs
+    assert dgrad.candidates((cl,), {"PREC": "tf32", "RAW": True}) is dgrad.configs
 
 
 def test_autotune_key_buckets_pixel_count(monkeypatch):
