@@ -113,6 +113,7 @@ TRITON_GEMM_BLOCK_N = 64  # GEMM_TILES[0]: op A's forward GEMM, columns = C_out
 TRITON_DGRAD_BLOCK_N = 64  # DGRAD_TILES[0]: dz @ W, columns = the activation-gradient channels
 TRITON_WGRAD_BLOCK_M, TRITON_WGRAD_BLOCK_N = 32, 64  # WGRAD_TILES[0]: C_out rows x weight columns
 TRITON_STATE_BLOCK_N = 32  # STATE_GEMM_TILES[0]: op B's forward GEMM, columns = k
+TRITON_SPLIT_BLOCK_N = 128  # STATE_SPLIT_TILES[0]: the boundary's stacked GEMM, columns = C_entry + k
 TRITON_CONV3X3_BLOCK_N = 32  # CONV3X3_TILES[0]: output channels of the 3x3 implicit GEMM
 TRITON_WGRAD3X3_BLOCK = 32  # WGRAD3X3_TILES[0]: (BLOCK_CO, BLOCK_CI)
 TRITON_DGRAD_BLOCK_M = 128  # DGRAD_TILES[0]
@@ -646,7 +647,7 @@ def triton_rla_update_and_entry(s: OpShape, dtype: torch.dtype,
     z, ws, zx = m * co * e, (co + k) * c * e, m * co * STAT_BYTES
     ve, vk = co * STAT_BYTES, k * STAT_BYTES
     part_e, part_k = 2 * _cdiv(m, TRITON_STAT_ROWS) * co * STAT_BYTES, 2 * _cdiv(m, TRITON_STAT_ROWS) * k * STAT_BYTES
-    state_sweeps = _cdiv(co + k, TRITON_STATE_BLOCK_N)
+    state_sweeps = _cdiv(co, TRITON_SPLIT_BLOCK_N) + _cdiv(k, TRITON_SPLIT_BLOCK_N)  # segment-aligned tiles
     entry_sweeps = _cdiv(co, TRITON_GEMM_BLOCK_N)
     conv_cols = _cdiv(k, TRITON_CONV3X3_BLOCK_N)
     dgrad_sweeps = _cdiv(c, TRITON_DGRAD_BLOCK_N)

@@ -127,11 +127,13 @@ class Autotuned:
 
     def __init__(self, fn, configs: list[triton.Config], key: list[str], bucketed: tuple[str, ...] = (),
                  lean_configs: list[triton.Config] | None = None,
-                 lean_flags: dict[str, list[triton.Config]] | None = None):
+                 lean_flags: dict[str, list[triton.Config]] | None = None,
+                 flags: dict[str, list[triton.Config]] | None = None):
         self.fn = fn
         self.configs = configs
         self.lean_configs = lean_configs or configs
         self.lean_flags = lean_flags or {}
+        self.flags = flags or {}
         self.key = key
         self.bucketed = bucketed
         self.cache: dict[tuple, triton.Config] = {}
@@ -146,9 +148,10 @@ class Autotuned:
         return self.fn[grid](*args, **kwargs, **config.all_kwargs())
 
     def candidates(self, args, kwargs) -> list[triton.Config]:
-        if not register_bound(args, kwargs):
-            return self.configs
-        return next((c for flag, c in self.lean_flags.items() if kwargs.get(flag)), self.lean_configs)
+        bound = register_bound(args, kwargs)
+        by_flag = self.lean_flags if bound else self.flags
+        return next((c for flag, c in by_flag.items() if kwargs.get(flag)),
+                    self.lean_configs if bound else self.configs)
 
     def key_of(self, args, kwargs) -> tuple:
         named = dict(zip(self.fn.arg_names, args))
@@ -183,14 +186,18 @@ class Autotuned:
 
 
 def autotune(tiles: list[tuple[int, ...]], key: list[str], *, lean: list[tuple[int, ...]] | None = None,
+             tiles_if: dict[str, list[tuple[int, ...]]] | None = None,
              lean_if: dict[str, list[tuple[int, ...]]] | None = None, bucketed: tuple[str, ...] = ("M",),
              fixed_m: int | None = None):
     """Decorator: ``@autotune(TILES, key=[...], lean=LEAN_TILES)`` over ``@triton.jit`` (see
-    Autotuned); `lean` tiles serve register-bound calls (default: the same tiles); `lean_if` maps a
-    constexpr flag to the tiles of a register-bound call that sets it (a variant that needs leaner ones)."""
-    lean_flags = {flag: configs(t, fixed_m=fixed_m) for flag, t in (lean_if or {}).items()}
+    Autotuned); `lean` tiles serve register-bound calls (default: the same tiles). `tiles_if` /
+    `lean_if` map a constexpr flag to the tiles of a call that sets it (a variant with other needs),
+    for calls that are not / are register-bound."""
+    def by_flag(table):
+        return {flag: configs(t, fixed_m=fixed_m) for flag, t in (table or {}).items()}
     return lambda fn: Autotuned(fn, configs(tiles, fixed_m=fixed_m), key, bucketed,
-                                configs(lean, fixed_m=fixed_m) if lean else None, lean_flags)
+                                configs(lean, fixed_m=fixed_m) if lean else None, by_flag(lean_if),
+                                by_flag(tiles_if))
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). N is often k = 32 (the RLA state), hence narrow tiles.
@@ -222,6 +229,13 @@ STATE_GEMM_TILES = [
     (64, 32, 128, 4, 3), (64, 32, 32, 4, 4), (64, 64, 64, 4, 3),
 ]
 STATE_GEMM_LEAN = STATE_GEMM_TILES[:3]  # 64x64x64: 312 B
+# The block boundary's stacked GEMM (SPLIT: N = C_entry + k, 96-544 columns): every column tile sweeps
+# all of y, so wide tiles cut y's re-reads (modelled on the H100, RLA-ResNet-50 step at batch 256:
+# 17.6 -> 14.6 ms for the triton boundary). Register-bound calls keep STATE_GEMM_LEAN.
+STATE_SPLIT_TILES = [
+    (64, 128, 32, 4, 3),
+    (64, 128, 64, 8, 3), (64, 256, 32, 8, 3), (64, 64, 64, 4, 3),
+]
 # Weight gradients: (BLOCK_CO, BLOCK_C, BLOCK_M) tiles reducing over pixels.
 WGRAD_TILES = [
     (32, 64, 64, 4, 3),

@@ -358,6 +358,7 @@ def test_triton_constants_match_the_sources():
     assert c["DGRAD_TILES"][0][:2] == (pm.TRITON_DGRAD_BLOCK_M, pm.TRITON_DGRAD_BLOCK_N)
     assert c["WGRAD_TILES"][0][:2] == (pm.TRITON_WGRAD_BLOCK_M, pm.TRITON_WGRAD_BLOCK_N)
     assert c["STATE_GEMM_TILES"][0][1] == pm.TRITON_STATE_BLOCK_N
+    assert c["STATE_SPLIT_TILES"][0][1] == pm.TRITON_SPLIT_BLOCK_N
     assert c["CONV3X3_TILES"][0][1] == pm.TRITON_CONV3X3_BLOCK_N
     assert c["WGRAD3X3_TILES"][0][:2] == (pm.TRITON_WGRAD3X3_BLOCK,) * 2
 

@@ -199,6 +199,12 @@ def test_register_bound_calls_take_lean_tiles():
     assert all(c.kwargs["BLOCK_N"] <= 64 for c in raw)
     assert dgrad.candidates((nchw,), {"PREC": "ieee", "RAW": False}) is dgrad.lean_configs
     assert dgrad.candidates((cl,), {"PREC": "tf32", "RAW": True}) is dgrad.configs
+    # The boundary's stacked GEMM (SPLIT) takes wide tiles where registers allow, the lean ones elsewhere.
+    state = sys.modules["rla_ext.triton_kernels.rla_update"]._fwd_gemm_kernel
+    assert state.candidates((cl,), {"PREC": "tf32", "SPLIT": True}) is state.flags["SPLIT"]
+    assert state.candidates((cl,), {"PREC": "tf32", "SPLIT": False}) is state.configs
+    assert state.candidates((nchw,), {"PREC": "tf32", "SPLIT": True}) is state.lean_configs
+    assert [t[1] for t in common.STATE_SPLIT_TILES[:1]] == [128]
 
 
 def test_autotune_key_buckets_pixel_count(monkeypatch):
