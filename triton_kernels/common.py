@@ -211,6 +211,9 @@ GEMM_TILES = [
     (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
 ]
 GEMM_LEAN = [(64, 64, 32, 4, 4), (128, 32, 64, 4, 4), (128, 128, 32, 8, 3)]  # 64x128x32 w4: 216 B
+# Op A's GEMM finishing the block boundary's z (ACC_INIT: it reduces over h_next's k channels only):
+# its 64x32x64 lean tile spilled 96 B in fp32 NCHW training on sm_90.
+GEMM_ACC_INIT_LEAN = [GEMM_LEAN[0], GEMM_LEAN[2]]
 # The BN-backward input-gradient GEMM (dz @ W): its A operand is rebuilt from TWO loaded tiles per
 # step (the gradient source and z), so a (128 x 64) A tile with 4 stages needed ~270 KB of shared
 # memory in fp32; BLOCK_K stays at 32 for 128-row tiles.

@@ -18,13 +18,13 @@ import triton.language as tl
 from . import _aten
 from .batchnorm import (bn_act, bn_relu_mask, channel_rstd, finalize_stats, finalize_sums, new_partials,
                         store_grad_partials, store_stat_partials)
-from .common import (GEMM_LEAN, GEMM_TILES, STAT_ROWS, autotune, dot_precision, empty_act, memory_format_of,
-                     needs_aten, pixel_strides, row_offsets)
+from .common import (GEMM_ACC_INIT_LEAN, GEMM_LEAN, GEMM_TILES, STAT_ROWS, autotune, dot_precision, empty_act,
+                     memory_format_of, needs_aten, pixel_strides, row_offsets)
 from .gemm import BNGrad, dz_dgrad, dz_wgrad
 
 
 @autotune(GEMM_TILES, key=["M", "C", "K", "CO", "TRAINING", "RELU", "ACC_INIT", "PREC"], lean=GEMM_LEAN,
-          fixed_m=STAT_ROWS)
+          lean_if={"ACC_INIT": GEMM_ACC_INIT_LEAN}, fixed_m=STAT_ROWS)
 @triton.jit
 def _fwd_kernel(x, h, w, zx, z, out, part_mean, part_m2, mean, var, gamma, beta, M, HW, C, K, CO, eps,
                 x_sn, x_sp, x_sc, h_sn, h_sp, h_sc, zx_sn, zx_sp, zx_sc, z_sn, z_sp, z_sc, o_sn, o_sp, o_sc,

@@ -205,6 +205,10 @@ def test_register_bound_calls_take_lean_tiles():
     assert state.candidates((cl,), {"PREC": "tf32", "SPLIT": False}) is state.configs
     assert state.candidates((nchw,), {"PREC": "tf32", "SPLIT": True}) is state.lean_configs
     assert [t[1] for t in common.STATE_SPLIT_TILES[:1]] == [128]
+    # Op A's GEMM finishing the boundary's z (ACC_INIT) leaves out the lean tile that spilled there.
+    entry = op_a._fwd_kernel
+    assert entry.candidates((nchw,), {"PREC": "ieee", "ACC_INIT": True}) is entry.lean_flags["ACC_INIT"]
+    assert (128, 32, 64, 4, 4) in common.GEMM_LEAN and (128, 32, 64, 4, 4) not in common.GEMM_ACC_INIT_LEAN
 
 
 def test_autotune_key_buckets_pixel_count(monkeypatch):
