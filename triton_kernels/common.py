@@ -234,11 +234,11 @@ STATE_GEMM_TILES = [
 STATE_GEMM_LEAN = STATE_GEMM_TILES[:3]  # 64x64x64: 312 B
 # The block boundary's stacked GEMM (SPLIT: N = C_entry + k, 96-544 columns): every column tile sweeps
 # all of y, so wide tiles cut y's re-reads (modelled on the H100, RLA-ResNet-50 step at batch 256:
-# 17.6 -> 14.6 ms for the triton boundary). Register-bound calls keep STATE_GEMM_LEAN.
-STATE_SPLIT_TILES = [
-    (64, 128, 32, 4, 3),
-    (64, 128, 64, 8, 3), (64, 256, 32, 8, 3), (64, 64, 64, 4, 3),
-]
+# 17.6 -> 14.6 ms for the triton boundary). 128 columns need 8 warps: with 4 (and 256 columns with 8)
+# the pooled epilogue spilled in TF32 on sm_90 (up to 824 B). Register-bound calls take
+# STATE_SPLIT_LEAN: the 64x32x64 lean tile spilled 104 B there (fp32 NCHW).
+STATE_SPLIT_TILES = [(64, 128, 64, 8, 3), (64, 64, 64, 4, 3)]
+STATE_SPLIT_LEAN = STATE_GEMM_LEAN[1:]
 # Weight gradients: (BLOCK_CO, BLOCK_C, BLOCK_M) tiles reducing over pixels.
 WGRAD_TILES = [
     (32, 64, 64, 4, 3),

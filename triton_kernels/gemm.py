@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from .batchnorm import load_dz
-from .common import (DGRAD_LEAN, DGRAD_RAW_LEAN, DGRAD_TILES, WGRAD_LEAN, WGRAD_TILES, autotune, dot_precision,
-                     pixel_strides, row_offsets, split_rows, stat_dtype)
+from .common import (DGRAD_LEAN, DGRAD_RAW_LEAN, DGRAD_TILES, WGRAD_LEAN, WGRAD_TILES, autotune,
+                     dot_precision, pixel_strides, row_offsets, split_rows, stat_dtype)
 
 
 @triton.jit

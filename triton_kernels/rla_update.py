@@ -19,13 +19,15 @@ from . import _aten
 from .batchnorm import (bn_affine, channel_rstd, finalize_stats, finalize_sums, load_dz, new_partials,
                         store_grad_partials, store_stat_partials)
 from .common import (CONV3X3_LEAN, CONV3X3_TILES, STAT_ROWS, STATE_GEMM_LEAN, STATE_GEMM_TILES,
-                     STATE_SPLIT_TILES, WGRAD3X3_LEAN, WGRAD3X3_TILES, autotune, dot_precision, empty_act,
-                     memory_format_of, needs_aten, pixel_strides, row_offsets, split_rows, tanh)
+                     STATE_SPLIT_LEAN, STATE_SPLIT_TILES, WGRAD3X3_LEAN, WGRAD3X3_TILES, autotune,
+                     dot_precision, empty_act, memory_format_of, needs_aten, pixel_strides, row_offsets,
+                     split_rows, tanh)
 from .gemm import BNGrad, dz_dgrad, dz_wgrad
 
 
-@autotune(STATE_GEMM_TILES, key=["M", "C", "K", "CE", "POOL", "TRAINING", "SPLIT", "PREC"], lean=STATE_GEMM_LEAN,
-          tiles_if={"SPLIT": STATE_SPLIT_TILES}, fixed_m=STAT_ROWS)
+@autotune(STATE_GEMM_TILES, key=["M", "C", "K", "CE", "POOL", "TRAINING", "SPLIT", "PREC"],
+          lean=STATE_GEMM_LEAN, tiles_if={"SPLIT": STATE_SPLIT_TILES}, lean_if={"SPLIT": STATE_SPLIT_LEAN},
+          fixed_m=STAT_ROWS)
 @triton.jit
 def _fwd_gemm_kernel(y, w, h, s, zx, part_mean, part_m2, M, HW, Wd, C, K, CE,
                      y_sn, y_sp, y_sc, h_sn, h_sc, h_sh, h_sw, s_sn, s_sp, s_sc, x_sn, x_sp, x_sc,

@@ -203,7 +203,9 @@ def test_register_bound_calls_take_lean_tiles():
     state = sys.modules["rla_ext.triton_kernels.rla_update"]._fwd_gemm_kernel
     assert state.candidates((cl,), {"PREC": "tf32", "SPLIT": True}) is state.flags["SPLIT"]
     assert state.candidates((cl,), {"PREC": "tf32", "SPLIT": False}) is state.configs
-    assert state.candidates((nchw,), {"PREC": "tf32", "SPLIT": True}) is state.lean_configs
+    assert state.candidates((nchw,), {"PREC": "tf32", "SPLIT": True}) is state.lean_flags["SPLIT"]
+    assert state.candidates((nchw,), {"PREC": "tf32", "SPLIT": False}) is state.lean_configs
+    assert (64, 32, 64, 4, 4) in common.STATE_GEMM_LEAN and (64, 32, 64, 4, 4) not in common.STATE_SPLIT_LEAN
     assert [t[1] for t in common.STATE_SPLIT_TILES[:1]] == [128]
     # Op A's GEMM finishing the boundary's z (ACC_INIT) leaves out the lean tile that spilled there.
     entry = op_a._fwd_kernel
