@@ -192,7 +192,7 @@ def rla_update_and_entry(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Te
         update's, ``entry_momentum`` / ``entry_eps`` / ``activation`` ("relu" or "none") the entry's.
         process_group: statistics synchronised over that group when training; the boundary then runs as
             the two (synchronised) ops on the chosen backend, unfused.
-    Backends: ``torch`` (the composition of the two reference ops), ``cpp`` (the fused CPU kernel) and
+    Backends: ``torch`` (the composition of the two reference ops), ``cpp`` (the fused CPU kernel),
         ``cuda`` (the fused CUDA kernels, CUDA tensors) and ``triton`` (CUDA tensors, or CPU tensors under
         Triton's interpreter); ``auto`` picks among these. The cuda and triton kernels have been proved
         on CPU only (CUDA emulator, Triton interpreter) until a GPU run.
