@@ -1,8 +1,9 @@
-// The basic-block entry on CPU: act(bn(conv3x3(cat(x, h), W, stride, padding 1))) without building
+// The basic-block entry on CPU: act(bn(conv3x3(cat(x, h), W, stride, padding 1))) without keeping
 // cat(x, h). The conv is two ATen (oneDNN) convolutions with the weight's column segments, x's and
-// h's, summed into one output z; BatchNorm and the activation are the fused passes of cpu/bn_act.h
-// (the same as op A's). Backward: the fused activation + BatchNorm backward, then ATen's convolution
-// backward per segment (input and weight gradients), the weight gradient reassembled as
+// h's, summed into one output z, or, where that measured slower (conv_over_cat), one over a
+// concatenation that lives for the call only; BatchNorm and the activation are the fused passes of
+// cpu/bn_act.h (the same as op A's). Backward: the fused activation + BatchNorm backward, then ATen's
+// convolution backward per segment (or over the rebuilt concatenation), the weight gradient as
 // (C_out, C + k, 3, 3). Contract: docs/ARCHITECTURE.md.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -22,6 +23,14 @@ constexpr const char* kOp = "concat_conv3x3_bn_act";
 // The conv's output side: 3x3, padding 1.
 int64_t out_side(int64_t side, int64_t stride) { return (side - 1) / stride + 1; }
 
+// Who runs the conv: ONE oneDNN convolution over a transient cat(x, h) once x has at least twice h's
+// channels, else two over the weight's column segments. Measured on 2 cores (AVX-512, fp32,
+// channels_last, N = 8, k = 16, interleaved medians): at C = 32 / 64 the one convolution took 0.38 /
+// 0.30 ms forward and 0.81 / 0.65 ms backward against 0.42 / 0.34 and 0.87 / 0.72 for the two, while
+// at C = 16 the two won (0.45 vs 0.63 ms forward). The concatenation lives for one call only: backward
+// builds it again and nothing of it is saved.
+bool conv_over_cat(int64_t C, int64_t k) { return C >= 2 * k; }
+
 void check_inputs(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& gamma,
                   const at::Tensor& beta, int64_t stride) {
   check_entry_activations(kOp, x, h);
@@ -39,12 +48,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   check_inputs(x_in, h_in, weight, gamma, beta, stride);
   const auto fmt = memory_format_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt);
-  const WeightSegments seg = split_columns(weight.contiguous(), x.size(1));
-  // z = conv(x, W[:, :C]) + conv(h, W[:, C:]), added in place (for half types each conv rounds to T
-  // and so does the sum: one rounding more than a conv over cat(x, h), within the half-precision bar).
+  at::Tensor z;
+  if (conv_over_cat(x.size(1), h.size(1))) {
+    z = conv3x3(at::cat({x, h}, 1).contiguous(fmt), weight.contiguous(), c10::nullopt, fmt, stride);
+  } else {
+    // z = conv(x, W[:, :C]) + conv(h, W[:, C:]), added in place (for half types each conv rounds to T
+    // and so does the sum: one rounding more than a conv over cat(x, h), within the half-precision bar).
+    const WeightSegments seg = split_columns(weight.contiguous(), x.size(1));
+    z = conv3x3(x, seg.wx, c10::nullopt, fmt, stride);
+    z.add_(conv3x3(h, seg.wh, c10::nullopt, fmt, stride));
+  }
   // The stored z is what the statistics and the backward see.
-  at::Tensor z = conv3x3(x, seg.wx, c10::nullopt, fmt, stride);
-  z.add_(conv3x3(h, seg.wh, c10::nullopt, fmt, stride));
   StatInputs st = stat_inputs(kOp, mean_in, var_in, z.size(1), stat_dtype(z.scalar_type()));
   at::Tensor out = bn_act_forward(z, st, gamma, beta, eps, relu, fmt);
   return {out, z, st.mean, st.var};
@@ -63,6 +77,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt), z = z_in.contiguous(fmt);
   auto [dz, dgamma, dbeta] =
       bn_act_backward_pass(grad_out.contiguous(fmt), z, mean, var, gamma, beta, eps, relu, training, fmt);
+  const int64_t k = h.size(1);
+  if (conv_over_cat(C, k)) {
+    auto [dcat, dw, unused] = conv3x3_backward(dz, at::cat({x, h}, 1).contiguous(fmt), weight.contiguous(), false,
+                                               fmt, stride);
+    return {dcat.narrow(1, 0, C).contiguous(fmt), dcat.narrow(1, C, k).contiguous(fmt), dw.contiguous(), dgamma,
+            dbeta};
+  }
   const WeightSegments seg = split_columns(weight.contiguous(), C);
   auto [dx, dwx, unused_x] = conv3x3_backward(dz, x, seg.wx, false, fmt, stride);
   auto [dh, dwh, unused_h] = conv3x3_backward(dz, h, seg.wh, false, fmt, stride);

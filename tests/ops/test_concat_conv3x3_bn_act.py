@@ -28,7 +28,9 @@ def fused_device_params() -> list:
     params = [(b, d) for d in ("cpu", "cuda") for b in fused_backends(d) if b in OP_FUSED]
     return params or [pytest.param("none", "cpu", marks=pytest.mark.skip(reason="no fused backend of this op"))]
 FORMATS = ["contiguous", "channels_last"]
-# (N, C, k, C_out, (H, W)): odd sizes, N=1, 1x1 images, primes.
+# (N, C, k, C_out, (H, W)): odd sizes, N=1, 1x1 images, primes. Both routes of the cpp kernel
+# (csrc/cpu/concat_conv3x3_bn_act.cpp, conv_over_cat: C >= 2k): one conv over a transient cat (the
+# first and third cases) and two over the weight's segments (the second).
 CASES = [(2, 8, 4, 6, (7, 5)), (1, 3, 2, 5, (5, 3)), (3, 5, 1, 7, (1, 1))]
 
 
