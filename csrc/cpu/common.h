@@ -180,11 +180,23 @@ inline at::Tensor conv1x1_weight_grad_new(const at::Tensor& dout, const at::Tens
   return dw;
 }
 
-// The input gradient of a 1x1 conv: w^T @ dout per pixel, returned in format `fmt`. It is itself a
-// 1x1 conv with the transposed weight, so it takes conv1x1_new's route (for k = 32 inputs oneDNN beat
-// addmm by 25% on 2 cores: 1.4 vs 2.0 ms at N=8, C=512, 28x28).
-inline at::Tensor conv1x1_input_grad(const at::Tensor& dout, const at::Tensor& w, at::MemoryFormat fmt) {
-  return conv1x1_new(dout, w.t(), fmt);
+// The input gradient of a 1x1 conv: w^T @ dout per pixel, shaped like `in` (the conv's input; only its
+// sizes and format are used) and returned in format `fmt`. Where the pixel rows are few against the
+// input channels (rows <= 4 Cin: the 14x14 / 7x7 stages), oneDNN's convolution backward-data takes w as
+// it is; elsewhere the input gradient is a 1x1 conv with the transposed weight, on conv1x1_new's route
+// (for k = 32 inputs oneDNN beat addmm by 25%: 1.4 vs 2.0 ms at N=8, C=512, 28x28). The transposed route
+// pays a transposed copy of w and oneDNN's reorder of it: measured on 2 cores (AVX-512, fp32, channels_last),
+// the 7x7 entry's dx (N=8, C=2048, Cout=512) took 5.17 ms that way against 4.43 ms by backward-data
+// (N=2: 2.14 vs 1.29), rla_update's dy (k=32) 0.53 vs 0.41 ms; at rows / Cin of 6 and above the
+// transposed route was equal or up to 7% faster.
+inline at::Tensor conv1x1_input_grad(const at::Tensor& dout, const at::Tensor& w, const at::Tensor& in,
+                                     at::MemoryFormat fmt) {
+  const int64_t rows = dout.size(0) * dout.size(2) * dout.size(3);
+  if (rows > 4 * w.size(1)) return conv1x1_new(dout, w.t(), fmt);
+  const at::Tensor w4 = w.contiguous().view({w.size(0), w.size(1), 1, 1});
+  auto grads = at::convolution_backward(dout, in, w4, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
+                                        {true, false, false});
+  return std::get<0>(grads).contiguous(fmt);
 }
 
 // ---------------------------------------------------------------- the RLA state's 2x2 pooling

@@ -57,8 +57,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const at::Tensor z = z_in.contiguous(fmt), go = grad_out.contiguous(fmt);
   auto [dz, dgamma, dbeta] = bn_act_backward_pass(go, z, mean, var, gamma, beta, eps, relu, training, fmt);
 
-  at::Tensor dx = conv1x1_input_grad(dz, w.narrow(1, 0, C), fmt);
-  at::Tensor dh = conv1x1_input_grad(dz, w.narrow(1, C, k), fmt);
+  at::Tensor dx = conv1x1_input_grad(dz, w.narrow(1, 0, C), x, fmt);
+  at::Tensor dh = conv1x1_input_grad(dz, w.narrow(1, C, k), h, fmt);
   at::Tensor dw = at::empty({Co, C + k}, w.options());
   conv1x1_weight_grad(dw.narrow(1, 0, C), dz, x, cl);
   conv1x1_weight_grad(dw.narrow(1, C, k), dz, h, cl);

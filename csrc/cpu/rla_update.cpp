@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto [ds, drec, dgamma, dbeta] =
       update_tail_backward(go, s, rec_weight, mean, var, gamma, beta, eps, training, fmt);
 
-  at::Tensor dy = conv1x1_input_grad(ds, w, fmt);
+  at::Tensor dy = conv1x1_input_grad(ds, w, y, fmt);
   at::Tensor dw = conv1x1_weight_grad_new(ds, y, w, cl);
   at::Tensor dh = state_grad(ds, h_in, pool, fmt);
   return {dh, dy, dw, drec, dgamma, dbeta};

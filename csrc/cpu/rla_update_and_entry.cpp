@@ -130,7 +130,7 @@ backward(const at::Tensor& grad_h_next, const at::Tensor& grad_out, const at::Te
   const at::Tensor we_h = we.narrow(1, C, k);
   at::Tensor dwe = at::empty({Ce, C + k}, we.options());
   conv1x1_weight_grad(dwe.narrow(1, C, k), dz, h_next, cl);
-  at::Tensor go_u = conv1x1_input_grad(dz, we_h, fmt);
+  at::Tensor go_u = conv1x1_input_grad(dz, we_h, h_next, fmt);
   go_u.add_(grad_h_next.contiguous(fmt));
 
   // The update's backward from h_next to s, as rla_update's kernel.
@@ -140,7 +140,7 @@ backward(const at::Tensor& grad_h_next, const at::Tensor& grad_out, const at::Te
   // both consumers; one weight-gradient pass over y gives both weights' y-columns.
   const at::Tensor dP = at::cat({dz, ds}, 1).contiguous(fmt);
   const at::Tensor ws = stacked_weight(out_weight.contiguous(), we, C);
-  at::Tensor dy = conv1x1_input_grad(dP, ws, fmt);
+  at::Tensor dy = conv1x1_input_grad(dP, ws, y, fmt);
   at::Tensor dws = conv1x1_weight_grad_new(dP, y, ws, cl);
   dwe.narrow(1, 0, C).copy_(dws.narrow(0, 0, Ce));
   at::Tensor dw_out = dws.narrow(0, Ce, k).clone();  // its own storage, as the fake kernel promises
