@@ -1,6 +1,9 @@
 """Shared test helpers: which backends/devices/dtypes to run, per-dtype tolerances, input builders."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -165,6 +168,37 @@ def compare_with_reference(op, inputs: dict, backend: str, dtype: torch.dtype, *
     for name in ref[2]:
         assert_close(got[2][name], ref[2][name], dtype, name, ref64[2][name] if ref64 else None)
     return got[0]
+
+
+@contextlib.contextmanager
+def opcheck_kernel_calls(op: str, backend: str = "cpp") -> Iterator[list]:
+    """Inside: the first call of each of `op`'s two kernel ops on `backend` (a C++ kernel backend, which
+    tracing records directly: rla_ext.ops._kernels.TRACED_KERNEL_BACKENDS) is recorded with copies of its
+    arguments; on exit each recorded call goes through torch.library.opcheck (schema, fake kernel,
+    AOT dispatch). Eager calls take the Python autograd path meanwhile (the C++ one calls the kernels
+    below Python). Yields the list of (kernel op, arguments)."""
+    from rla_ext.ops import _kernels
+
+    real, cpp_autograd = _kernels.kernels(op, backend), _kernels.CPP_AUTOGRAD_BACKENDS
+    calls: list = []
+
+    def record(kernel):
+        def call(*args):
+            if all(k is not kernel for k, _ in calls):
+                calls.append((kernel, tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)))
+            return kernel(*args)
+        return call
+
+    _kernels._RESOLVED[(op, backend)] = _kernels.KernelPair(record(real.forward), record(real.backward))
+    _kernels.CPP_AUTOGRAD_BACKENDS = ()
+    try:
+        yield calls
+    finally:
+        _kernels._RESOLVED[(op, backend)] = real
+        _kernels.CPP_AUTOGRAD_BACKENDS = cpp_autograd
+    assert {k for k, _ in calls} == {real.forward, real.backward}, f"{op}: a kernel op was never called"
+    for kernel, args in calls:
+        torch.library.opcheck(kernel, args)
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ from rla_ext.ops import _autocast, _concat_entry
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
-from rla_ext.ops._kernels import eager_fast_path, fake_forward_outputs, forward_with_stats, kernels
+from rla_ext.ops._kernels import (eager_fast_path, fake_forward_outputs, forward_with_stats, kernels,
+                                  register_kernel_fakes)
 
 _OP = "concat_conv3x3_bn_act"
 # Backends with a fused kernel pair for this op; the others run the reference (module docstring).
@@ -51,9 +52,13 @@ _fwd = torch.library.custom_op("rla_ext::concat_conv3x3_bn_act_fwd",
 _fwd_call = eager_fast_path(_fwd, _fwd_body)
 
 
+def _kernel_fwd_fake(x, h, weight, gamma, beta, mean, var, stride, eps, relu):
+    return fake_forward_outputs(x, weight.shape[0], gamma, v.conv3x3_out_size(x.shape[2], x.shape[3], stride))
+
+
 @_fwd.register_fake
 def _fwd_fake(x, h, weight, gamma, beta, running_mean, running_var, training, momentum, eps, relu, stride, backend):
-    return fake_forward_outputs(x, weight.shape[0], gamma, v.conv3x3_out_size(x.shape[2], x.shape[3], stride))
+    return _kernel_fwd_fake(x, h, weight, gamma, beta, None, None, stride, eps, relu)
 
 
 def _bwd_body(grad_out: Tensor, x: Tensor, h: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, z: Tensor,
@@ -75,6 +80,9 @@ def _bwd_fake(grad_out, x, h, weight, gamma, beta, z, mean, var, eps, relu, trai
     return _concat_entry.fake_grads(x, h, weight, gamma, beta)
 
 
+register_kernel_fakes(_OP, _kernel_fwd_fake,
+                      lambda grad_out, x, h, weight, gamma, beta, *_: _concat_entry.fake_grads(x, h, weight, gamma,
+                                                                                               beta))
 _concat_entry.register(_OP, _fwd_call, _bwd_call)
 
 

@@ -13,7 +13,8 @@ from rla_ext.ops import _autocast, _concat_entry
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
-from rla_ext.ops._kernels import eager_fast_path, fake_forward_outputs, forward_with_stats, kernels
+from rla_ext.ops._kernels import (eager_fast_path, fake_forward_outputs, forward_with_stats, kernels,
+                                  register_kernel_fakes)
 
 _OP = "concat_conv_bn_act"
 
@@ -60,6 +61,9 @@ def _bwd_fake(grad_out, x, h, weight, gamma, beta, z, mean, var, eps, relu, trai
     return _concat_entry.fake_grads(x, h, weight, gamma, beta)
 
 
+register_kernel_fakes(_OP, lambda x, h, weight, gamma, *_: fake_forward_outputs(x, weight.shape[0], gamma),
+                      lambda grad_out, x, h, weight, gamma, beta, *_: _concat_entry.fake_grads(x, h, weight, gamma,
+                                                                                               beta))
 _concat_entry.register(_OP, _fwd_call, _bwd_call)
 
 

@@ -25,7 +25,7 @@ from rla_ext import _backend, _reference
 from rla_ext.ops import _autocast
 from rla_ext.ops import _validation as v
 from rla_ext.ops._batchnorm import stat_dtype
-from rla_ext.ops._kernels import eager_fast_path, empty_activation, kernels
+from rla_ext.ops._kernels import eager_fast_path, empty_activation, kernels, register_kernel_fakes
 
 _OP = "conv_gru_cell"
 # Backends with a fused kernel pair for this op; the others run the reference (see the module docstring).
@@ -74,6 +74,10 @@ def _bwd_fake(grad_out, x, h, gate_weight, output_weight, gamma, beta, zg, zo, s
             empty_activation(x, k, x.shape[2], x.shape[3], fmt), torch.empty_like(gate_weight),
             gate_weight.new_empty((2 * k,)), torch.empty_like(output_weight), output_weight.new_empty((k,)),
             torch.empty_like(gamma), torch.empty_like(beta))
+
+
+# The kernel ops take the custom ops' arguments less the backend.
+register_kernel_fakes(_OP, lambda *args: _fwd_fake(*args, None), lambda *args: _bwd_fake(*args, None))
 
 
 class ConvGRUCellFunction(torch.autograd.Function):

@@ -20,7 +20,7 @@ from torch import Tensor
 from rla_ext import _backend, _reference
 from rla_ext.ops import _autocast
 from rla_ext.ops import _validation as v
-from rla_ext.ops._kernels import eager_fast_path, empty_activation, kernels
+from rla_ext.ops._kernels import eager_fast_path, empty_activation, kernels, register_kernel_fakes
 
 _OP = "conv_lstm_cell"
 FUSED = ("cpp",)
@@ -66,6 +66,10 @@ def _bwd_fake(grad_h, grad_c, x, h, c, weight, z, c_out, backend):
     return (empty_activation(x, x.shape[1], x.shape[2], x.shape[3], fmt),
             empty_activation(x, k, x.shape[2], x.shape[3], fmt), empty_activation(x, k, x.shape[2], x.shape[3], fmt),
             torch.empty_like(weight), weight.new_empty((4 * k,)))
+
+
+# The kernel ops take the custom ops' arguments less the backend.
+register_kernel_fakes(_OP, lambda *args: _fwd_fake(*args, None), lambda *args: _bwd_fake(*args, None))
 
 
 class ConvLSTMCellFunction(torch.autograd.Function):

@@ -11,7 +11,7 @@ from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
 from rla_ext.ops._kernels import (cpp_autograd, eager_fast_path, empty_activation, fake_forward_outputs,
-                                  forward_with_stats, kernels)
+                                  forward_with_stats, kernels, register_kernel_fakes)
 
 _OP = "rla_update"
 
@@ -61,6 +61,11 @@ def _bwd_fake(grad_out, h, y, out_weight, gamma, beta, rec_weight, s, mean, var,
             empty_activation(y, y.shape[1], y.shape[2], y.shape[3], fmt),
             torch.empty_like(out_weight), torch.empty_like(rec_weight), torch.empty_like(gamma),
             torch.empty_like(beta))
+
+
+# The kernel ops' arguments are the custom ops' less the BatchNorm bookkeeping (fwd) or the backend (bwd).
+register_kernel_fakes(_OP, lambda h, y, out_weight, gamma, *_: fake_forward_outputs(y, out_weight.shape[0], gamma),
+                      lambda *args: _bwd_fake(*args, None))
 
 
 class RLAUpdateFunction(torch.autograd.Function):

@@ -20,7 +20,7 @@ from rla_ext.ops import _autocast
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
-from rla_ext.ops._kernels import eager_fast_path, empty_activation, kernels
+from rla_ext.ops._kernels import eager_fast_path, empty_activation, kernels, register_kernel_fakes
 from rla_ext.ops.concat_conv_bn_act import concat_conv_bn_act
 from rla_ext.ops.rla_update import rla_update
 
@@ -92,6 +92,10 @@ _fwd_call = eager_fast_path(_fwd, _fwd_body)
 def _fwd_fake(h, y, out_weight, gamma, beta, running_mean, running_var, rec_weight, entry_weight, entry_gamma,
               entry_beta, entry_running_mean, entry_running_var, pool, training, momentum, eps, entry_momentum,
               entry_eps, relu, backend):
+    return _kernel_fwd_fake(h, y, out_weight, gamma, beta, None, None, rec_weight, entry_weight, entry_gamma)
+
+
+def _kernel_fwd_fake(h, y, out_weight, gamma, beta, mean, var, rec_weight, entry_weight, entry_gamma, *_):
     fmt = v.memory_format_of(y)
     k, ce, hh, ww = out_weight.shape[0], entry_weight.shape[0], y.shape[2], y.shape[3]
     return (empty_activation(y, k, hh, ww, fmt), empty_activation(y, k, hh, ww, fmt),
@@ -128,6 +132,9 @@ def _bwd_fake(grad_h_next, grad_out, h, y, out_weight, gamma, beta, rec_weight, 
             torch.empty_like(out_weight), torch.empty_like(rec_weight), torch.empty_like(gamma),
             torch.empty_like(beta), torch.empty_like(entry_weight), torch.empty_like(entry_gamma),
             torch.empty_like(entry_beta))
+
+
+register_kernel_fakes(_OP, _kernel_fwd_fake, lambda *args: _bwd_fake(*args, None))
 
 
 class RLAUpdateAndEntryFunction(torch.autograd.Function):

@@ -10,7 +10,7 @@ import rla_ext
 import rla_ext._backend
 from rla_ext.nn import ConvGRUCell, ConvLSTMCell
 from rla_ext.ops import conv_gru_cell, conv_lstm_cell
-from rla_testing import TOLERANCES, assert_close, to_format
+from rla_testing import TOLERANCES, assert_close, opcheck_kernel_calls, to_format
 
 pytestmark = pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_lower_isa.py
 
@@ -196,6 +196,12 @@ def test_gpu_backends_route_to_reference(cell):
 @pytest.mark.parametrize("backend", CPP)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_opcheck(backend, fmt):
+    """The custom ops, and the C++ kernel ops they call (torch.compile records those directly on cpp)."""
+    with opcheck_kernel_calls("conv_gru_cell", backend), opcheck_kernel_calls("conv_lstm_cell", backend):
+        _opcheck_cells(backend, fmt)
+
+
+def _opcheck_cells(backend, fmt):
     gru = make_inputs("gru", 2, 3, 2, (4, 5), torch.float32, fmt)
     gamma, beta = torch.ones(6), torch.zeros(6)
     fwd = (gru["x"], gru["h"], gru["gate_weight"], gru["gate_bias"], gru["output_weight"], gru["output_bias"], gamma,

@@ -2,12 +2,15 @@
 function that calls both ops with no graph break, matching eager in values and gradients."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import rla_ext
 from rla_ext.ops import concat_conv_bn_act, rla_update
-from rla_testing import backend_device_params, clone_inputs, make_ccba_inputs, make_update_inputs
+from rla_testing import (backend_device_params, clone_inputs, make_ccba_inputs, make_update_inputs,
+                          opcheck_kernel_calls)
 
 
 def _canonical_ccba(device, fmt):
@@ -32,6 +35,22 @@ def test_opcheck_forward_ops(backend, device, fmt, training):
     hh, y, wo, g, b, rm, rv, wr = _canonical_update(device, fmt)
     torch.library.opcheck(torch.ops.rla_ext.rla_update_fwd.default,
                           (hh, y, wo, g, b, rm, rv, wr, True, training, 0.1, 1e-5, backend))
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["concat_conv_bn_act", "rla_update"])
+def test_opcheck_cpp_kernel_ops(name, fmt, training):
+    """The C++ kernel ops that torch.compile records on cpp (their fake kernels), as the op calls them."""
+    if "cpp" not in rla_ext.available_backends("cpu"):
+        pytest.skip("the cpp backend is not built")
+    if name == "concat_conv_bn_act":
+        inp = clone_inputs(make_ccba_inputs(2, 5, 3, 4, (3, 3), torch.float32, "cpu", fmt))
+    else:
+        inp = clone_inputs(make_update_inputs(2, 5, 3, (3, 3), True, torch.float32, "cpu", fmt))
+    op = concat_conv_bn_act if name == "concat_conv_bn_act" else functools.partial(rla_update, pool=True)
+    with opcheck_kernel_calls(name):
+        op(**inp, training=training, backend="cpp").sum().backward()
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

@@ -1,9 +1,11 @@
-"""Plain eager calls skip the custom-op dispatcher; anything that traces still sees the custom ops.
+"""Plain eager calls skip the custom-op dispatcher; anything that traces sees operators with fake kernels.
 
 The fused backends' autograd Functions call the Python bodies of rla_ext::<op>_fwd / _bwd directly in
-plain eager execution (rla_ext.ops._kernels.eager_fast_path). These tests pin both sides: the fast
-path is taken when nothing is watching, and dispatch modes / fake tensors still get the custom ops
-(so their fake kernels, and torch.compile, keep working).
+plain eager execution (rla_ext.ops._kernels.eager_fast_path). While something traces, a backend whose
+kernels are C++ operators (cpp: TRACED_KERNEL_BACKENDS) still runs the bodies, so dispatch modes, fake
+tensors and torch.compile see the kernel ops rla_ext::<op>_kernel_fwd / _bwd and the BatchNorm
+bookkeeping as ordinary ops; a Python-kernel backend (triton) is seen as the custom ops. These tests
+pin every side.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import rla_ext
+import rla_ext._backend
 from rla_ext import ops
 from rla_testing import make_ccba_inputs, make_update_inputs
 
@@ -54,12 +58,26 @@ def test_plain_eager_skips_the_custom_op_but_runs_the_kernel(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_dispatch_modes_see_the_custom_ops(name):
+def test_dispatch_modes_see_the_cpp_kernel_ops_and_the_running_update(name):
     op, make = CASES[name]
     inputs = _grad_inputs(make())
     log = _OpLog()
     with log:
         op(**inputs, training=True, backend="cpp").sum().backward()
+    assert f"rla_ext::{name}_kernel_fwd" in log.names and f"rla_ext::{name}_kernel_bwd" in log.names
+    assert f"rla_ext::{name}_fwd" not in log.names and f"rla_ext::{name}_bwd" not in log.names
+    assert "aten::lerp_.Scalar" in log.names  # the running mean's update, visible to the tracer
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_dispatch_modes_see_the_custom_ops_of_python_kernels(name):
+    if rla_ext._backend.unavailable_reason("triton", "cpu") is not None:
+        pytest.skip("triton is not available on CPU here")
+    op, make = CASES[name]
+    inputs = _grad_inputs(make())
+    log = _OpLog()
+    with log:
+        op(**inputs, training=True, backend="triton").sum().backward()
     assert f"rla_ext::{name}_fwd" in log.names and f"rla_ext::{name}_bwd" in log.names
 
 

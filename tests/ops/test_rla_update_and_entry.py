@@ -10,7 +10,8 @@ import torch
 import rla_ext
 from rla_ext.ops import concat_conv_bn_act, rla_update, rla_update_and_entry
 from rla_ext.ops.rla_update_and_entry import FUSED
-from rla_testing import HALF, assert_close, dtype_supported, is_interpreted, make_update_inputs, param_dtype
+from rla_testing import (HALF, assert_close, dtype_supported, is_interpreted, make_update_inputs,
+                          opcheck_kernel_calls, param_dtype)
 
 pytestmark = pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_lower_isa.py
 
@@ -173,15 +174,17 @@ def _cpp_only():
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_opcheck(fmt, training):
+    """The custom ops, and the C++ kernel ops they call on cpp (torch.compile records those directly)."""
     _cpp_only()
     args = _canonical(fmt)
     opts = (True, training, 0.1, 1e-5, 0.2, 1e-3, True, "cpp")
     torch.library.opcheck(torch.ops.rla_ext.rla_update_and_entry_fwd.default, args + opts)
-    h_next, s, mean, var, out, z, emean, evar = torch.ops.rla_ext.rla_update_and_entry_fwd(*args, *opts)
-    h, y, wo, g, b, _, _, wr, we, ge, be, _, _ = args
-    torch.library.opcheck(torch.ops.rla_ext.rla_update_and_entry_bwd.default,
-                          (torch.randn_like(h_next), torch.randn_like(out), h, y, wo, g, b, wr, s, mean, var, h_next,
-                           we, ge, be, z, emean, evar, True, 1e-5, 1e-3, True, training, "cpp"))
+    with opcheck_kernel_calls(_OP):
+        h_next, s, mean, var, out, z, emean, evar = torch.ops.rla_ext.rla_update_and_entry_fwd(*args, *opts)
+        h, y, wo, g, b, _, _, wr, we, ge, be, _, _ = args
+        torch.library.opcheck(torch.ops.rla_ext.rla_update_and_entry_bwd.default,
+                              (torch.randn_like(h_next), torch.randn_like(out), h, y, wo, g, b, wr, s, mean, var,
+                               h_next, we, ge, be, z, emean, evar, True, 1e-5, 1e-3, True, training, "cpp"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -318,8 +321,9 @@ def test_every_cpu_isa_variant(fmt):
 
 
 def test_eager_fast_path_and_dispatch_modes():
-    """Plain eager calls run the kernels without the custom-op dispatcher; a dispatch mode sees the custom
-    ops; fake tensors go through the fake kernels (rla_ext.ops._kernels.eager_fast_path)."""
+    """Plain eager calls run the kernels without the custom-op dispatcher; a dispatch mode sees the C++
+    kernel ops (cpp traces them directly) and not the custom ops; fake tensors go through the kernel ops'
+    fake kernels (rla_ext.ops._kernels.eager_fast_path)."""
     _cpp_only()
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -348,7 +352,8 @@ def test_eager_fast_path_and_dispatch_modes():
     log = Log()
     with log:
         loss(clone(inp)).backward()
-    assert f"rla_ext::{_OP}_fwd" in log.names and f"rla_ext::{_OP}_bwd" in log.names
+    assert f"rla_ext::{_OP}_kernel_fwd" in log.names and f"rla_ext::{_OP}_kernel_bwd" in log.names
+    assert f"rla_ext::{_OP}_fwd" not in log.names and f"rla_ext::{_OP}_bwd" not in log.names
 
     expected = fused(clone(inp), pool=True, training=True, backend="cpp")
     with FakeTensorMode() as mode:
