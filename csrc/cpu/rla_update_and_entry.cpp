@@ -12,12 +12,15 @@
 // consumers is then ONE dgrad GEMM with the stacked weight over dP = [dz ; ds], and both weights'
 // y-columns come from ONE weight-gradient pass over y. The BatchNorm passes and the pooling are the
 // same helpers the two single ops use (cpu/batchnorm.h, cpu/common.h).
+// Where the GEMMs are compute-bound and the weights large (channels_last, fewer pixel rows than C: the
+// 14x14 / 7x7 stages at small batch) the GEMMs run per weight instead (shared_gemm, per_weight_gemms).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu/batchnorm.h"
@@ -54,7 +57,31 @@ void check_inputs(const at::Tensor& h, const at::Tensor& y, const at::Tensor& ou
 
 // [entry_weight[:, :C] ; out_weight]: the (Ce + k, C) weight of the one GEMM over y.
 at::Tensor stacked_weight(const at::Tensor& out_weight, const at::Tensor& entry_weight, int64_t C) {
-  return at::cat({entry_weight.narrow(1, 0, C), out_weight}, 0).contiguous();
+  const int64_t Ce = entry_weight.size(0), k = out_weight.size(0);
+  at::Tensor ws = at::empty({Ce + k, C}, out_weight.options());
+  ws.narrow(0, 0, Ce).copy_(entry_weight.narrow(1, 0, C));
+  ws.narrow(0, Ce, k).copy_(out_weight);
+  return ws;
+}
+
+// The shared read of y: (zx, o) = (entry_weight[:, :C] @ y, out_weight @ y) per pixel, fresh tensors
+// in format `fmt`. One GEMM with the stacked weight (oneDNN's convolution, C <= pixel rows: the weight is
+// small) or, on conv1x1_new's GEMM route (channels_last, fewer pixel rows than C), one GEMM per weight
+// as it is: there the stacked copy cost 0.4 ms (1.2 ms as a cat) of a 5.6 ms forward at the 7x7 stage
+// (N=8, C=2048, Ce=512: a 4.4 MB weight), and GEMMs into P's column blocks ran 7% slower than into
+// their own outputs; the GEMMs are compute-bound there, so reading y twice costs nothing measurable.
+bool per_weight_gemms(const at::Tensor& y, at::MemoryFormat fmt) {
+  return fmt == at::MemoryFormat::ChannelsLast && y.size(0) * y.size(2) * y.size(3) < y.size(1);
+}
+
+std::pair<at::Tensor, at::Tensor> shared_gemm(const at::Tensor& y, const at::Tensor& out_weight,
+                                              const at::Tensor& we, at::MemoryFormat fmt) {
+  const int64_t C = y.size(1), Ce = we.size(0), k = out_weight.size(0);
+  if (per_weight_gemms(y, fmt)) {
+    return {conv1x1_new(y, we.narrow(1, 0, C), fmt), conv1x1_new(y, out_weight, fmt)};
+  }
+  const at::Tensor P = conv1x1_new(y, stacked_weight(out_weight, we, C), fmt);
+  return {P.narrow(1, 0, Ce).contiguous(fmt), P.narrow(1, Ce, k).contiguous(fmt)};
 }
 
 // Returns (h_next, s, mean, var, out, z, entry_mean, entry_var): h_next and s as rla_update's kernel
@@ -72,17 +99,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t C = y.size(1), k = h.size(1), Ce = we.size(0);
   const auto sd = stat_dtype(y.scalar_type());
 
-  // The shared read: one GEMM over y gives the entry's x-part (channels [0, Ce)) and o (the rest).
-  const at::Tensor P = conv1x1_new(y, stacked_weight(out_weight.contiguous(), we, C), fmt);
+  // The shared read of y (shared_gemm): the entry's x-part z (h_next's part is added below) and o.
+  auto [z, s] = shared_gemm(y, out_weight.contiguous(), we, fmt);
 
   // The update: s = o + pool?(h), BatchNorm + tanh, the 3x3 recurrent conv.
-  at::Tensor s = P.narrow(1, Ce, k).contiguous(fmt);
   add_state(s, h, pool, cl);
   StatInputs st = stat_inputs(kOp, mean_in, var_in, k, sd);
   at::Tensor h_next = update_tail_forward(s, st, rec_weight, gamma, beta, eps, fmt);
 
-  // The entry: z = P[:, :Ce] + W_entry_h @ h_next, BatchNorm + activation.
-  at::Tensor z = P.narrow(1, 0, Ce).contiguous(fmt);
+  // The entry: z = zx + W_entry_h @ h_next, BatchNorm + activation.
   conv1x1(z, we.narrow(1, C, k), h_next, cl, true);
   StatInputs se = stat_inputs(kOp, entry_mean_in, entry_var_in, Ce, sd);
   at::Tensor out = bn_act_forward(z, se, entry_gamma, entry_beta, entry_eps, relu, fmt);
@@ -136,14 +161,26 @@ backward(const at::Tensor& grad_h_next, const at::Tensor& grad_out, const at::Te
   // The update's backward from h_next to s, as rla_update's kernel.
   auto [ds, drec, dgamma, dbeta] = update_tail_backward(go_u, s, wr, mean, var, gamma, beta, eps, training, fmt);
 
-  // The shared read, backward: dP = [dz ; ds] against the stacked weight. One dgrad GEMM gives dy from
-  // both consumers; one weight-gradient pass over y gives both weights' y-columns.
-  const at::Tensor dP = at::cat({dz, ds}, 1).contiguous(fmt);
-  const at::Tensor ws = stacked_weight(out_weight.contiguous(), we, C);
-  at::Tensor dy = conv1x1_input_grad(dP, ws, y, fmt);
-  at::Tensor dws = conv1x1_weight_grad_new(dP, y, ws, cl);
-  dwe.narrow(1, 0, C).copy_(dws.narrow(0, 0, Ce));
-  at::Tensor dw_out = dws.narrow(0, Ce, k).clone();  // its own storage, as the fake kernel promises
+  // The shared read, backward, on the forward's route (shared_gemm). Stacked: dP = [dz ; ds] against the
+  // stacked weight, one dgrad GEMM gives dy from both consumers and one weight-gradient pass over y both
+  // weights' y-columns. Per weight (the small stages): each weight's dgrad and weight gradient as the
+  // two single ops compute them (the stacked weight and dP copies measured ~1.9 ms slower there, at
+  // N=8, C=2048, Ce=512), dy summed as autograd sums the two ops' gradients.
+  const at::Tensor wo = out_weight.contiguous();
+  at::Tensor dy, dw_out;
+  if (per_weight_gemms(y, fmt)) {
+    dy = conv1x1_input_grad(dz, we.narrow(1, 0, C), y, fmt);
+    dy.add_(conv1x1_input_grad(ds, wo, y, fmt));
+    conv1x1_weight_grad(dwe.narrow(1, 0, C), dz, y, cl);
+    dw_out = conv1x1_weight_grad_new(ds, y, wo, cl);
+  } else {
+    const at::Tensor dP = at::cat({dz, ds}, 1).contiguous(fmt);
+    const at::Tensor ws = stacked_weight(wo, we, C);
+    dy = conv1x1_input_grad(dP, ws, y, fmt);
+    at::Tensor dws = conv1x1_weight_grad_new(dP, y, ws, cl);
+    dwe.narrow(1, 0, C).copy_(dws.narrow(0, 0, Ce));
+    dw_out = dws.narrow(0, Ce, k).clone();  // its own storage, as the fake kernel promises
+  }
   at::Tensor dh = state_grad(ds, h_in, pool, fmt);
   return {dh, dy, dw_out, drec, dgamma, dbeta, dwe, dgamma_e, dbeta_e};
 }

@@ -18,8 +18,10 @@ pytestmark = pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_l
 _OP = "rla_update_and_entry"
 BACKENDS = ["torch"] + [b for b in rla_ext.available_backends("cpu") if b in FUSED]
 FORMATS = ["contiguous", "channels_last"]
-# (N, C, k, C_entry, (H, W) of y): odd sizes (pooling then drops h's last row / column), N=1, H=W=1.
-CASES = [(2, 8, 4, 6, (4, 4)), (1, 5, 3, 7, (3, 5)), (3, 7, 2, 3, (1, 1))]
+# (N, C, k, C_entry, (H, W) of y): odd sizes (pooling then drops h's last row / column), N=1, H=W=1;
+# the last has fewer pixel rows than C, where the cpp kernel runs one GEMM per weight in channels_last
+# (csrc/cpu/rla_update_and_entry.cpp, per_weight_gemms), the others one over the stacked weight.
+CASES = [(2, 8, 4, 6, (4, 4)), (1, 5, 3, 7, (3, 5)), (3, 7, 2, 3, (1, 1)), (1, 20, 3, 7, (3, 3))]
 UPDATE = ("out_weight", "bn_weight", "bn_bias", "running_mean", "running_var", "rec_weight")
 ENTRY = ("entry_weight", "entry_bn_weight", "entry_bn_bias", "entry_running_mean", "entry_running_var")
 DIFFERENTIABLE = ("h", "y", "out_weight", "bn_weight", "bn_bias", "rec_weight", "entry_weight", "entry_bn_weight",
