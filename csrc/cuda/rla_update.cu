@@ -58,17 +58,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_stat_vector("var", var, g.k, sd, y);
   const DeviceGuard guard(y.device());
 
-  const at::Tensor params = bn_params_from_stats(mean, var, gamma, beta, eps);
-  at::Tensor dgamma = device_empty({g.k}, gamma.options());
-  at::Tensor dbeta = device_empty({g.k}, gamma.options());
-  at::Tensor drec, ds, dh;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_bwd_cuda", [&] {
-    with_layout(cl, [&](auto layout) {
-      constexpr bool CL = decltype(layout)::value;
-      std::tie(ds, dh, drec) =
-          update_tail_backward<scalar_t, CL>(grad_out, s, h, rec_weight, params, dgamma, dbeta, pool, training);
-    });
-  });
+  auto [ds, dh, drec, dgamma, dbeta] =
+      update_tail_backward_pass(grad_out, s, h, rec_weight, mean, var, gamma, beta, eps, pool, training, cl);
 
   at::Tensor dy = empty_act(y, g.N, g.C, g.H, g.W, cl);
   at::Tensor dout_weight = device_empty_like(out_weight);

@@ -144,17 +144,8 @@ rla_update_and_entry_bwd_cuda(const at::Tensor& grad_h_next, const at::Tensor& g
   go_u.add_(grad_h_next);
 
   // The update tail's backward, from h_next down to ds and dh.
-  const at::Tensor params = bn_params_from_stats(mean, var, gamma, beta, eps);
-  at::Tensor dgamma = device_empty({k}, gamma.options());
-  at::Tensor dbeta = device_empty({k}, gamma.options());
-  at::Tensor ds, dh, drec;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "rla_update_and_entry_bwd_cuda", [&] {
-    with_layout(cl, [&](auto layout) {
-      constexpr bool CL = decltype(layout)::value;
-      std::tie(ds, dh, drec) =
-          update_tail_backward<scalar_t, CL>(go_u, s, h, rec_weight, params, dgamma, dbeta, pool, training);
-    });
-  });
+  auto [ds, dh, drec, dgamma, dbeta] =
+      update_tail_backward_pass(go_u, s, h, rec_weight, mean, var, gamma, beta, eps, pool, training, cl);
 
   // The shared read, backward: dP = [dz; ds] against the stacked weight, ONE dgrad GEMM into y and ONE
   // weight-gradient GEMM over y for both weights' y-columns.

@@ -67,35 +67,25 @@ struct PoolAdd {
   }
 };
 
-// dh from ds: a quarter of ds to each of the 2x2 inputs of a pooled pixel, zero beyond 2H/2W.
+// dh from ds: a quarter of ds to each of the 2x2 inputs of a pooled pixel, zero beyond 2H/2W. An
+// elementwise pass over dh (launch_pointwise decodes each element's image n, pixel q of h, channel c).
 template <typename T, bool CL>
-__global__ void pool_backward_kernel(const T* __restrict__ ds, T* __restrict__ dh, int64_t total, int64_t C,
-                                     int64_t H, int64_t W, int64_t Hh, int64_t Wh) {
+struct PoolBackward {
   using acc_t = at::opmath_type<T>;
-  const int64_t HW = H * W, HWh = Hh * Wh;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
-    int64_t n, q, c;
-    if (CL) {
-      c = i % C;
-      const int64_t m = i / C;
-      n = m / HWh;
-      q = m - n * HWh;
-    } else {
-      q = i % HWh;
-      const int64_t r = i / HWh;
-      c = r % C;
-      n = r / C;
-    }
+  const T* __restrict__ ds;  // (N, C, H, W)
+  T* __restrict__ dh;        // (N, C, Hh, Wh)
+  int64_t C, H, W, Wh;
+
+  __device__ __forceinline__ void store(int64_t n, int64_t q, int64_t c, int64_t off) const {
     const int64_t Y = q / Wh;
     const int64_t X = q - Y * Wh;
     acc_t v = 0;
     if (Y < 2 * H && X < 2 * W) {
-      v = static_cast<acc_t>(ds[act_offset<CL>(n, (Y / 2) * W + X / 2, c, C, HW)]) * acc_t(0.25);
+      v = static_cast<acc_t>(ds[act_offset<CL>(n, (Y / 2) * W + X / 2, c, C, H * W)]) * acc_t(0.25);
     }
-    dh[i] = static_cast<T>(v);
+    dh[off] = static_cast<T>(v);
   }
-}
+};
 
 // ---------------------------------------------------------------------------------------------------
 // Direct 3x3 convolution (padding 1, stride 1) for k <= 64 channels in and out.
@@ -374,16 +364,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> update_tail_backward(const at::Te
   if (pool) {
     const int64_t Hh = h.size(2), Wh = h.size(3);
     dh = empty_act(h, N, k, Hh, Wh, CL);
-    const int64_t total = dh.numel();
-    if (total > 0) {
-      const int threads = 256;
-      launch<pool_backward_kernel<T, CL>>(elementwise_blocks(total, threads), threads, 0, ds.data_ptr<T>(),
-                                          dh.data_ptr<T>(), total, k, H, W, Hh, Wh);
+    if (dh.numel() > 0) {
+      launch_pointwise<CL>(PoolBackward<T, CL>{ds.data_ptr<T>(), dh.data_ptr<T>(), k, H, W, Wh}, dh.numel(), k,
+                           Hh * Wh);
     }
   } else {
     dh = ds;  // d(s)/d(h) is the identity without pooling; ds is a fresh tensor, so no aliasing
   }
   return {ds, dh, drec.contiguous()};
+}
+
+// The update tail's backward as rla_update and the block boundary call it: BatchNorm parameters from
+// the saved statistics, fresh dgamma / dbeta, dispatched over dtype and layout.
+// -> (ds, dh, drec_weight, dgamma, dbeta).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> update_tail_backward_pass(
+    const at::Tensor& grad_out, const at::Tensor& s, const at::Tensor& h, const at::Tensor& rec_weight,
+    const at::Tensor& mean, const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta, double eps,
+    bool pool, bool training, bool cl) {
+  const int64_t k = s.size(1);
+  const at::Tensor params = bn_params_from_stats(mean, var, gamma, beta, eps);
+  at::Tensor dgamma = device_empty({k}, gamma.options());
+  at::Tensor dbeta = device_empty({k}, gamma.options());
+  at::Tensor ds, dh, drec;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "update_tail_backward_pass", [&] {
+    with_layout(cl, [&](auto layout) {
+      constexpr bool CL = decltype(layout)::value;
+      std::tie(ds, dh, drec) =
+          update_tail_backward<scalar_t, CL>(grad_out, s, h, rec_weight, params, dgamma, dbeta, pool, training);
+    });
+  });
+  return {ds, dh, drec, dgamma, dbeta};
 }
 
 }  // namespace cuda
