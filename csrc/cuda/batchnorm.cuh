@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 #include <ATen/OpMathType.h>
 
@@ -436,6 +437,32 @@ template <bool CL, typename Fn>
 inline void launch_pointwise(const Fn& fn, int64_t total, int64_t C, int64_t HW) {
   const int threads = 256;
   launch<pointwise_kernel<CL, Fn>>(elementwise_blocks(total, threads), threads, 0, fn, total, C, HW);
+}
+
+// The BatchNorm statistics of the values `prod` yields for an (N, C, H, W) activation (HW = H * W):
+// training (no `mean`): one Welford reduction over them into a fresh mean, BIASED var and the (4, C)
+// parameters; eval: copies of the given statistics (returned stats must not alias the inputs: the
+// custom-op rule) and their parameters, with `prod` run as an elementwise pass first when it is what
+// stores the values (`Stores`). -> (mean, var, params).
+template <bool CL, typename acc_t, bool Stores, typename Producer>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_or_given_stats(
+    const Producer& prod, int64_t N, int64_t C, int64_t HW, const std::optional<at::Tensor>& mean,
+    const std::optional<at::Tensor>& var, const at::Tensor& gamma, const at::Tensor& beta, double eps) {
+  if (!mean.has_value()) {
+    at::Tensor mean_out = device_empty({C}, gamma.options());
+    at::Tensor var_out = device_empty({C}, gamma.options());
+    at::Tensor params = device_empty({4, C}, gamma.options());
+    StatsEpilogue<acc_t> epi{mean_out.data_ptr<acc_t>(), var_out.data_ptr<acc_t>(), params.data_ptr<acc_t>(),
+                             gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), C, eps};
+    reduce_channels<CL, WelfordState, acc_t>(prod, epi, C, HW, N * HW, gamma.options());
+    return {mean_out, var_out, params};
+  }
+  if constexpr (Stores) {
+    launch_pointwise<CL>(prod, N * C * HW, C, HW);
+  }
+  at::Tensor mean_out = mean->clone();
+  at::Tensor var_out = var->clone();
+  return {mean_out, var_out, bn_params_from_stats(mean_out, var_out, gamma, beta, eps)};
 }
 
 // out = Act(bn(v)).

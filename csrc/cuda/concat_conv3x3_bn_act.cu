@@ -87,20 +87,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_conv3x3_bn_act
     with_layout(cl, [&](auto layout) {
       constexpr bool CL = decltype(layout)::value;
       const int64_t HW = z.size(2) * z.size(3);
-      if (training) {
-        mean_out = device_empty({Co}, gamma.options());
-        var_out = device_empty({Co}, gamma.options());
-        params = device_empty({4, Co}, gamma.options());
-        ReadPre<scalar_t, CL, acc_t> prod{z.data_ptr<scalar_t>(), Co, HW};
-        StatsEpilogue<acc_t> epi{mean_out.data_ptr<acc_t>(), var_out.data_ptr<acc_t>(), params.data_ptr<acc_t>(),
-                                 gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), Co, eps};
-        reduce_channels<CL, WelfordState, acc_t>(prod, epi, Co, HW, z.size(0) * HW, gamma.options());
-      } else {
-        // Returned stats must not alias the inputs (custom-op rule), hence the copies.
-        mean_out = mean->clone();
-        var_out = var->clone();
-        params = bn_params_from_stats(mean_out, var_out, gamma, beta, eps);
-      }
+      // z is already stored (the convolutions wrote it): the producer only reads it.
+      ReadPre<scalar_t, CL, acc_t> prod{z.data_ptr<scalar_t>(), Co, HW};
+      std::tie(mean_out, var_out, params) =
+          batch_or_given_stats<CL, acc_t, false>(prod, z.size(0), Co, HW, mean, var, gamma, beta, eps);
       with_act(relu, [&](auto act) { launch_bn_act<scalar_t, CL, decltype(act)>(z, out, params); });
     });
   });

@@ -77,22 +77,9 @@ std::tuple<at::Tensor, at::Tensor> entry_forward(const ConcatZ<T, CL, at::opmath
                                                  const std::optional<at::Tensor>& var, const at::Tensor& gamma,
                                                  const at::Tensor& beta, double eps, bool relu) {
   using acc_t = at::opmath_type<T>;
-  const int64_t N = z.size(0), Co = z.size(1), HW = z.size(2) * z.size(3);
   at::Tensor mean_out, var_out, params;
-  if (!mean.has_value()) {
-    mean_out = device_empty({Co}, gamma.options());
-    var_out = device_empty({Co}, gamma.options());
-    params = device_empty({4, Co}, gamma.options());
-    StatsEpilogue<acc_t> epi{mean_out.data_ptr<acc_t>(), var_out.data_ptr<acc_t>(), params.data_ptr<acc_t>(),
-                             gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), Co, eps};
-    reduce_channels<CL, WelfordState, acc_t>(cz, epi, Co, HW, N * HW, gamma.options());
-  } else {
-    launch_pointwise<CL>(cz, z.numel(), Co, HW);
-    // Returned stats must not alias the inputs (custom-op rule), hence the copies.
-    mean_out = mean->clone();
-    var_out = var->clone();
-    params = bn_params_from_stats(mean_out, var_out, gamma, beta, eps);
-  }
+  std::tie(mean_out, var_out, params) = batch_or_given_stats<CL, acc_t, true>(
+      cz, z.size(0), z.size(1), z.size(2) * z.size(3), mean, var, gamma, beta, eps);
   with_act(relu, [&](auto act) { launch_bn_act<T, CL, decltype(act)>(z, out, params); });
   return {mean_out, var_out};
 }

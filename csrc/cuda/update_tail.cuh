@@ -305,23 +305,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> update_tail_forward(
   using acc_t = at::opmath_type<T>;
   const int64_t N = s.size(0), k = s.size(1), H = s.size(2), W = s.size(3), HW = H * W;
   at::Tensor out = device_empty_like(s);
-  at::Tensor mean_out, var_out, params;
   PoolAdd<T, CL, acc_t, Src> pa{s.data_ptr<T>(), t, t_channels, t_c0, h.data_ptr<T>(), k, HW, W,
                                 h.size(2) * h.size(3), h.size(3), pool};
-  if (!mean.has_value()) {
-    mean_out = device_empty({k}, gamma.options());
-    var_out = device_empty({k}, gamma.options());
-    params = device_empty({4, k}, gamma.options());
-    StatsEpilogue<acc_t> epi{mean_out.data_ptr<acc_t>(), var_out.data_ptr<acc_t>(), params.data_ptr<acc_t>(),
-                             gamma.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), k, eps};
-    reduce_channels<CL, WelfordState, acc_t>(pa, epi, k, HW, N * HW, gamma.options());
-  } else {
-    launch_pointwise<CL>(pa, s.numel(), k, HW);
-    // Returned stats must not alias the inputs (custom-op rule), hence the copies.
-    mean_out = mean->clone();
-    var_out = var->clone();
-    params = bn_params_from_stats(mean_out, var_out, gamma, beta, eps);
-  }
+  at::Tensor mean_out, var_out, params;
+  std::tie(mean_out, var_out, params) =
+      batch_or_given_stats<CL, acc_t, true>(pa, N, k, HW, mean, var, gamma, beta, eps);
   if (k <= kMaxDirectK) {
     ConvInBnTanh<T, CL, acc_t> in{s.data_ptr<T>(), BnParams<acc_t>{params.data_ptr<acc_t>(), k}, k, HW};
     launch_conv3x3_direct<T, CL, false>(in, rec_weight, out);
