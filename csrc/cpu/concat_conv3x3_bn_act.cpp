@@ -23,13 +23,24 @@ constexpr const char* kOp = "concat_conv3x3_bn_act";
 // The conv's output side: 3x3, padding 1.
 int64_t out_side(int64_t side, int64_t stride) { return (side - 1) / stride + 1; }
 
-// Who runs the conv: ONE oneDNN convolution over a transient cat(x, h) once x has at least twice h's
-// channels, else two over the weight's column segments. Measured on 2 cores (AVX-512, fp32,
-// channels_last, N = 8, k = 16, interleaved medians): at C = 32 / 64 the one convolution took 0.38 /
-// 0.30 ms forward and 0.81 / 0.65 ms backward against 0.42 / 0.34 and 0.87 / 0.72 for the two, while
-// at C = 16 the two won (0.45 vs 0.63 ms forward). The concatenation lives for one call only: backward
-// builds it again and nothing of it is saved.
-bool conv_over_cat(int64_t C, int64_t k) { return C >= 2 * k; }
+// Who runs the conv: ONE oneDNN convolution over a transient cat(x, h), or two over the weight's
+// column segments summed into z. One convolution wins wherever x has at least twice h's channels, and
+// at C < 2k while the concatenation is small; past ~2 MiB of it (fp32, C = k = 16, 32x32 px, N = 16)
+// the one convolution falls off a cliff (forward 1.03 vs 0.53 ms at stride 2) and the two win.
+// Measured on 2 cores (AVX-512, channels_last, k = 16, interleaved medians; forward / backward ms):
+//   C = 32 / 64, N = 8:            cat 0.31 / 0.27, 0.63 / 0.58   segments 0.33 / 0.31, 0.71 / 0.64
+//   C = 16, N = 8, stride 2, fp32: cat 0.26, 0.56                 segments 0.29, 0.70   (1 MiB)
+//   C = 16, N = 12, stride 2:      cat 0.40, 0.93                 segments 0.43, 1.09   (1.5 MiB)
+//   C = 16, N = 16, stride 2:      cat 1.03, 1.97                 segments 0.53, 1.54   (2 MiB)
+//   C = 16, N = 16, bf16:          cat 0.33, 0.77                 segments 0.31, 1.05   (1 MiB)
+// The concatenation lives for one call only: backward builds it again and nothing of it is saved.
+constexpr int64_t kCatMaxBytes = int64_t{3} << 19;  // 1.5 MiB
+
+bool conv_over_cat(const at::Tensor& x, const at::Tensor& h) {
+  const int64_t C = x.size(1), k = h.size(1);
+  const int64_t cat_bytes = x.size(0) * (C + k) * x.size(2) * x.size(3) * static_cast<int64_t>(x.element_size());
+  return C >= 2 * k || cat_bytes <= kCatMaxBytes;
+}
 
 void check_inputs(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& gamma,
                   const at::Tensor& beta, int64_t stride) {
@@ -49,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   const auto fmt = memory_format_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt);
   at::Tensor z;
-  if (conv_over_cat(x.size(1), h.size(1))) {
+  if (conv_over_cat(x, h)) {
     z = conv3x3(at::cat({x, h}, 1).contiguous(fmt), weight.contiguous(), c10::nullopt, fmt, stride);
   } else {
     // z = conv(x, W[:, :C]) + conv(h, W[:, C:]), added in place (for half types each conv rounds to T
@@ -78,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   auto [dz, dgamma, dbeta] =
       bn_act_backward_pass(grad_out.contiguous(fmt), z, mean, var, gamma, beta, eps, relu, training, fmt);
   const int64_t k = h.size(1);
-  if (conv_over_cat(C, k)) {
+  if (conv_over_cat(x, h)) {
     auto [dcat, dw, unused] = conv3x3_backward(dz, at::cat({x, h}, 1).contiguous(fmt), weight.contiguous(), false,
                                                fmt, stride);
     return {dcat.narrow(1, 0, C).contiguous(fmt), dcat.narrow(1, C, k).contiguous(fmt), dw.contiguous(), dgamma,

@@ -30,10 +30,12 @@ def fused_device_params() -> list:
     params = [(b, d) for d in ("cpu", "cuda") for b in fused_backends(d) if b in OP_FUSED]
     return params or [pytest.param("none", "cpu", marks=pytest.mark.skip(reason="no fused backend of this op"))]
 FORMATS = ["contiguous", "channels_last"]
-# (N, C, k, C_out, (H, W)): odd sizes, N=1, 1x1 images, primes. Both routes of the cpp kernel
-# (csrc/cpu/concat_conv3x3_bn_act.cpp, conv_over_cat: C >= 2k): one conv over a transient cat (the
-# first and third cases) and two over the weight's segments (the second).
+# (N, C, k, C_out, (H, W)): odd sizes, N=1, 1x1 images, primes. The cpp kernel
+# (csrc/cpu/concat_conv3x3_bn_act.cpp, conv_over_cat) runs them all as one conv over a transient cat(x, h)
+# (C >= 2k, or the concatenation at most 1.5 MiB); SEGMENT_CASE takes its other route, two convs over the
+# weight's segments (C < 2k, the concatenation 1.5 MiB in bf16 / fp16, 3.1 MiB in fp32 / 6.2 in fp64).
 CASES = [(2, 8, 4, 6, (7, 5)), (1, 3, 2, 5, (5, 3)), (3, 5, 1, 7, (1, 1))]
+SEGMENT_CASE = (2, 60, 40, 7, (63, 64))
 
 
 def composition(x, h, weight, bn_weight, bn_bias, running_mean, running_var, *, stride, training, momentum=0.1,
@@ -73,11 +75,21 @@ def test_fused_matches_reference(backend, device, dtype, fmt, training, stride, 
 
 
 @pytest.mark.parametrize("backend,device", fused_device_params())
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_segment_route_matches_reference(backend, device, fmt, training, stride):
+    """SEGMENT_CASE in float64 (its 8064-pixel weight-gradient sums are beyond fp32's per-element bar;
+    the half-precision test below covers it in bf16 / fp16)."""
+    test_fused_matches_reference(backend, device, torch.float64, fmt, training, stride, SEGMENT_CASE)
+
+
+@pytest.mark.parametrize("backend,device", fused_device_params())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + [SEGMENT_CASE], ids=str)
 def test_half_precision_within_twice_eager_error(backend, device, dtype, fmt, training, stride, case):
     """bf16 / fp16: the error of the output, every gradient and the running statistics against the float64
     reference (the composition over the concatenation) is at most twice that of eager PyTorch computing
@@ -86,8 +98,10 @@ def test_half_precision_within_twice_eager_error(backend, device, dtype, fmt, tr
     "The same thing" is the split composition: z = conv(x, W[:, :C]) + conv(h, W[:, C:]) rounds z up to
     three times where one conv over cat(x, h) rounds it once, and where a BN output lies within that
     rounding of 0 the ReLU mask differs from the reference's, moving one gradient element by its full
-    size (seen in ~5% of random bf16 cases against the concatenated reference). The kernels reproduce
-    the split composition's z bit for bit, so this bar is about the fused kernels' own error."""
+    size (seen in ~5% of random bf16 cases against the concatenated reference). The CUDA kernels and the
+    cpp kernel's segment route reproduce the split composition's z bit for bit, and the cpp kernel's
+    route over a transient cat rounds z once, as the reference does, so this bar is about the fused
+    kernels' own error."""
     n, c, k, co, hw = case
     inputs = make_entry3x3_inputs(n, c, k, co, hw, dtype, fmt, seed=n * 31 + c + stride, device=device)
     kw = dict(stride=stride, training=training, momentum=0.1, eps=1e-5)
