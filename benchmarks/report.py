@@ -45,6 +45,7 @@ def _f(value: float | None, fmt: str) -> str:
 
 
 def _mb(nbytes: float | None) -> str:
+    """Bytes as MiB (2**20 B), the unit of every memory column here (rates stay GB/s, 1e9 B/s)."""
     if nbytes is None:
         return ""
     mb = nbytes / 2**20
@@ -74,7 +75,7 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row]) -> str:
     """Two tables, ops then end-to-end, preceded by the run's device, settings and copy bandwidth."""
     bw = meta.get("copy_bandwidth", {})
     gpu = meta.get("device_type") == "cuda"
-    peak_head, peak_rule = (" peak MB |", "---:|") if gpu else ("", "")
+    peak_head, peak_rule = (" peak MiB |", "---:|") if gpu else ("", "")
     lines = [
         f"# rla_ext benchmarks: {meta.get('device_name')}",
         "",
@@ -84,19 +85,19 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row]) -> str:
         "",
         _cpu_line(meta.get("cpu") or {}),
         "",
-        f"Copy bandwidth (copy of {_mb(bw.get('bytes'))} MB): {_f(bw.get('gbps'), '.1f')} GB/s. "
-        "MB moved = compulsory traffic of a fused implementation (benchmarks/bytes_model.py); "
+        f"Copy bandwidth (copy of {_mb(bw.get('bytes'))} MiB): {_f(bw.get('gbps'), '.1f')} GB/s. "
+        "MiB moved = compulsory traffic of a fused implementation (benchmarks/bytes_model.py); "
         "% BW = achieved / copy bandwidth"
         + ("; " if gpu else " (small working sets stay in CPU caches, so this can pass 100%); ")
-        + ("peak MB = device memory one call needs beyond what was allocated before it (whole step for "
+        + ("peak MiB = device memory one call needs beyond what was allocated before it (whole step for "
            "end to end; compiled rows under CUDA graphs use a pool allocated at capture, so theirs reads low); "
            if gpu else "")
-        + "saved MB = tensors autograd keeps for backward, inputs and parameters excluded.",
+        + "saved MiB = tensors autograd keeps for backward, inputs and parameters excluded.",
     ]
     ops = [r for r in rows if r["kind"] == "op"]
     if ops:
-        lines += ["", f"| op | pass | shape | provider | median ms | IQR ms | vs eager | vs compile | MB moved | GB/s "
-                  f"| % BW |{peak_head} saved MB | note |",
+        lines += ["", f"| op | pass | shape | provider | median ms | IQR ms | vs eager | vs compile | MiB moved | GB/s "
+                  f"| % BW |{peak_head} saved MiB | note |",
                   f"|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|{peak_rule}---:|---|"]
     for r in ops:
         t = r.get("time_ms") or {}
@@ -111,7 +112,7 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row]) -> str:
     if e2e:
         lines += ["", "## End to end: one training step (forward, backward, SGD step)", "",
                   "| model | provider | batch | image | median ms | IQR ms | images/s | vs eager | vs compile "
-                  f"|{peak_head} saved MB | note |",
+                  f"|{peak_head} saved MiB | note |",
                   f"|---|---|---:|---:|---:|---:|---:|---:|---:|{peak_rule}---:|---|"]
         for r in e2e:
             t = r.get("time_ms") or {}
