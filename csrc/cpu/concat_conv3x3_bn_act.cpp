@@ -23,23 +23,22 @@ constexpr const char* kOp = "concat_conv3x3_bn_act";
 // The conv's output side: 3x3, padding 1.
 int64_t out_side(int64_t side, int64_t stride) { return (side - 1) / stride + 1; }
 
-// Who runs the conv: ONE oneDNN convolution over a transient cat(x, h), or two over the weight's
-// column segments summed into z. One convolution wins wherever x has at least twice h's channels, and
-// at C < 2k while the concatenation is small; past ~2 MiB of it (fp32, C = k = 16, 32x32 px, N = 16)
-// the one convolution falls off a cliff (forward 1.03 vs 0.53 ms at stride 2) and the two win.
-// Measured on 2 cores (AVX-512, channels_last, k = 16, interleaved medians; forward / backward ms):
-//   C = 32 / 64, N = 8:            cat 0.31 / 0.27, 0.63 / 0.58   segments 0.33 / 0.31, 0.71 / 0.64
-//   C = 16, N = 8, stride 2, fp32: cat 0.26, 0.56                 segments 0.29, 0.70   (1 MiB)
-//   C = 16, N = 12, stride 2:      cat 0.40, 0.93                 segments 0.43, 1.09   (1.5 MiB)
-//   C = 16, N = 16, stride 2:      cat 1.03, 1.97                 segments 0.53, 1.54   (2 MiB)
-//   C = 16, N = 16, bf16:          cat 0.33, 0.77                 segments 0.31, 1.05   (1 MiB)
+// Who runs the conv: ONE oneDNN convolution over a transient cat(x, h) while that concatenation is at
+// most 1 MiB, else two over the weight's column segments summed into z. The concatenation costs a
+// fresh buffer forward and backward (and dx / dh copied out of dcat); past ~1 MiB that costs more
+// than the second convolution saves, whatever C / k. Whole op, forward + backward, against eager,
+// measured on 2 cores (AVX-512, fp32, channels_last, k = 16, interleaved medians, two runs):
+//   C16xH32 s2, N = 8  (1 MiB):    cat 0.99-1.04x, segments 0.91-0.97x
+//   C32xH16 s1, N = 8  (0.4 MiB):  cat 0.98-1.01x, segments 0.93x;   C64xH8, N = 8: 0.99-1.00x vs 0.91x
+//   C16xH32 s2, N = 16 (2 MiB):    cat 0.98x, segments 1.17x;        N = 32: 0.94x vs 1.04x
+//   C32xH16 s2, N = 32 (1.5 MiB):  cat 0.95x, segments 1.10x;        C64xH16, N = 16: 0.93x vs 1.02x
 // The concatenation lives for one call only: backward builds it again and nothing of it is saved.
-constexpr int64_t kCatMaxBytes = int64_t{3} << 19;  // 1.5 MiB
+constexpr int64_t kCatMaxBytes = int64_t{1} << 20;
 
 bool conv_over_cat(const at::Tensor& x, const at::Tensor& h) {
-  const int64_t C = x.size(1), k = h.size(1);
-  const int64_t cat_bytes = x.size(0) * (C + k) * x.size(2) * x.size(3) * static_cast<int64_t>(x.element_size());
-  return C >= 2 * k || cat_bytes <= kCatMaxBytes;
+  const int64_t cat_bytes =
+      x.size(0) * (x.size(1) + h.size(1)) * x.size(2) * x.size(3) * static_cast<int64_t>(x.element_size());
+  return cat_bytes <= kCatMaxBytes;
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& gamma,

@@ -32,8 +32,8 @@ def fused_device_params() -> list:
 FORMATS = ["contiguous", "channels_last"]
 # (N, C, k, C_out, (H, W)): odd sizes, N=1, 1x1 images, primes. The cpp kernel
 # (csrc/cpu/concat_conv3x3_bn_act.cpp, conv_over_cat) runs them all as one conv over a transient cat(x, h)
-# (C >= 2k, or the concatenation at most 1.5 MiB); SEGMENT_CASE takes its other route, two convs over the
-# weight's segments (C < 2k, the concatenation 1.5 MiB in bf16 / fp16, 3.1 MiB in fp32 / 6.2 in fp64).
+# (the concatenation at most 1 MiB); SEGMENT_CASE takes its other route, two convs over the weight's
+# segments (the concatenation 1.5 MiB in bf16 / fp16, 3.1 MiB in fp32, 6.2 MiB in fp64).
 CASES = [(2, 8, 4, 6, (7, 5)), (1, 3, 2, 5, (5, 3)), (3, 5, 1, 7, (1, 1))]
 SEGMENT_CASE = (2, 60, 40, 7, (63, 64))
 
