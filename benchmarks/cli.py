@@ -28,7 +28,7 @@ import torch
 
 import rla_ext
 from rla_ext import info
-from benchmarks import cases, model_step, report, timing
+from benchmarks import allocator, cases, model_step, report, timing
 from benchmarks.shapes import OP_STAGES, Stage, select_stages, stages_for
 
 Row = dict[str, Any]
@@ -79,6 +79,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--include-interpreted", action="store_true",
                    help="also time triton on cpu through its interpreter (very slow)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="on cpu, time with the C allocator as configured; by default glibc is told to keep "
+                        "freed memory, so no row pays page faults for memory an earlier call gave back "
+                        "(benchmarks/allocator.py)")
     return p.parse_args(argv)
 
 
@@ -124,6 +128,7 @@ class Settings:
         minutes = args.max_minutes if args.max_minutes is not None else (1.25 if q else None)
         self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
         self.progress = not args.no_progress
+        self.system_malloc = args.system_malloc or gpu
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -431,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or PACKAGE_DIR / "results" / "local" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     meta = metadata(cfg, argv)
+    meta["cpu_allocator"] = allocator.SYSTEM if cfg.system_malloc else allocator.keep_freed_memory()
     bandwidth = timing.copy_bandwidth(cfg.device)
     meta["copy_bandwidth"] = bandwidth
     tasks = plan(cfg, bandwidth)

@@ -10,6 +10,8 @@ Configured by environment variables, so the same command works on the CPU machin
                      rla_update_and_entry at RLA-ResNet-50's too); an op runs those of its own
   RLA_BENCH_ROUNDS   timed rounds per case (default: 20 on cuda, 3 on cpu)
   RLA_BENCH_MODEL_COMPILE=1  also compile the whole model on cpu (several minutes)
+  RLA_BENCH_SYSTEM_MALLOC=1  on cpu, time with the C allocator as configured (default: glibc keeps
+                     freed memory, benchmarks/allocator.py, as the CLI does)
 Every provider is parametrised (unfused+<backend> only for the ops that fuse others); those that cannot
 run here are skipped with the reason.
 """
@@ -22,11 +24,12 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from benchmarks import cases
+from benchmarks import allocator, cases
 from benchmarks.cli import DTYPES
 from benchmarks.shapes import STAGES, Stage, select_stages, stages_for
 
 ALL_PROVIDERS = cases.PROVIDERS
+_ALLOCATOR = pytest.StashKey[str]()
 
 
 def bench_device() -> torch.device:
@@ -93,6 +96,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     combos = [sum(parts, ()) for parts in itertools.product(*(axes[n] for n in names))]
     combos = [c for c in combos if _provider_applies(argnames, c)]
     metafunc.parametrize(",".join(argnames), combos, ids=["-".join(_id(v) for v in c) for c in combos])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if bench_device().type == "cpu" and os.environ.get("RLA_BENCH_SYSTEM_MALLOC") != "1":
+        config.stash[_ALLOCATOR] = allocator.keep_freed_memory()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"CPU allocator: {config.stash.get(_ALLOCATOR, allocator.SYSTEM)}"
 
 
 @pytest.fixture(scope="session")

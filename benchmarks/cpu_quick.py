@@ -1,6 +1,6 @@
 """Quick CPU check: median fwd+bwd time of the `cpp` and `torch` backends, both ops.
 
-    python benchmarks/cpu_quick.py [--threads 2] [--reps 20] [--fmt channels_last] [--profile]
+    python -m benchmarks.cpu_quick [--threads 2] [--reps 20] [--fmt channels_last] [--profile]
 
 Defaults are the RLA-ResNet-50 stage-2 entry: batch 8, C=512, k=32, 28x28, C_out=128, float32,
 channels_last, training mode. The two backends are called alternately, so load from other processes
@@ -15,6 +15,8 @@ import time
 import torch
 
 from rla_ext import ops
+
+from benchmarks import allocator
 
 BACKENDS = ("torch", "cpp")
 
@@ -81,9 +83,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     p.add_argument("--only", default="", help="run only cases whose name contains this")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per case and backend")
+    p.add_argument("--system-malloc", action="store_true", help="leave the C allocator as configured "
+                   "(default: glibc keeps freed memory, benchmarks/allocator.py)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    print(f"CPU allocator: {allocator.SYSTEM if a.system_malloc else allocator.keep_freed_memory()}")
     fmt = torch.channels_last if a.fmt == "channels_last" else torch.contiguous_format
     cases = make_cases(a.n, a.c, a.k, a.hw, a.cout, getattr(torch, a.dtype), fmt)
     print(f"threads={torch.get_num_threads()} N={a.n} C={a.c} k={a.k} {a.hw}x{a.hw} C_out={a.cout} "

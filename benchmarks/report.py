@@ -85,6 +85,7 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row]) -> str:
         "",
         _cpu_line(meta.get("cpu") or {}),
         "",
+        *([f"CPU allocator: {meta['cpu_allocator']}.", ""] if meta.get("cpu_allocator") else []),
         f"Copy bandwidth (copy of {_mb(bw.get('bytes'))} MiB): {_f(bw.get('gbps'), '.1f')} GB/s. "
         "MiB moved = compulsory traffic of a fused implementation (benchmarks/bytes_model.py); "
         "% BW = achieved / copy bandwidth"

@@ -96,6 +96,9 @@ def test_cli_tiny_run_writes_json_markdown_and_plot(tmp_path):
     assert f"torch ISA {data['cpu']['torch_isa']} · rla_ext cpp kernels ISA {data['cpu']['kernels_isa']}" \
         in (out / "results.md").read_text()
     assert data["copy_bandwidth"]["gbps"] > 0
+    # Which allocator state was timed (benchmarks/allocator.py), in the data and the table's header.
+    assert data["cpu_allocator"].startswith(("glibc", "system malloc"))
+    assert f"CPU allocator: {data['cpu_allocator']}." in (out / "results.md").read_text()
     rows = data["rows"]
     ops = ("concat_conv_bn_act", "rla_update", "rla_update_and_entry")  # the ops with a C2048xH7 stage
     assert {(r["op"], r["pass"]) for r in rows} == {(op, p) for op in ops for p in ("fwd", "fwd+bwd")}
