@@ -132,15 +132,21 @@ inline void conv1x1(at::Tensor& out, const at::Tensor& w, const at::Tensor& in, 
 }
 
 // A fresh 1x1 conv output w @ in (w a (Cout, Cin) matrix, any strides). ATen's convolution goes to
-// oneDNN on x86, which beats the BLAS GEMM on the many-pixel shapes (k = 32 outputs: 1.2 vs 1.7 ms
-// at N=8, C=512, 28x28 on 2 cores); with fewer pixel rows than input channels (the 7x7 and 14x14
-// stages at small batch) its channels_last kernel falls behind the GEMM on the pixel matrix (2.3 vs
-// 1.5 ms at N=2, C=2048, Cout=512, 7x7), so those go to the GEMM. (Measured over the four RLA-ResNet-50
-// stages at N=2 and 8, both directions of the 1x1 conv: rows < Cin picked the faster side or a tie.)
+// oneDNN on x86, which beats the BLAS GEMM on the many-pixel shapes (N=8, C=512, 28x28: 4.2 vs 5.8 ms
+// for 128 outputs, 1.3 vs 2.5 ms for k = 32) and on few outputs; with fewer pixel rows than input
+// channels and than 4x the outputs (the entry convs of the 7x7 stage) its channels_last kernel falls
+// behind the GEMM on the pixel matrix (N=8, C=2048, Cout=512, 7x7: 5.6 vs 4.8 ms; N=2: 2.7 vs 1.5 ms).
+// Measured on 2 cores (AVX-512, fp32, glibc keeping freed memory) over the four RLA-ResNet-50 stages at
+// N=2 and 8, both ops' output widths: this rule picked the faster side or a tie (within 7%) everywhere;
+// the previous one (rows < Cin alone) sent rla_update's k = 32 outputs at N=8, 7x7 to the GEMM, 0.33 vs
+// 0.29 ms.
+inline bool conv1x1_by_gemm(int64_t rows, int64_t cin, int64_t cout, bool cl) {
+  return cl && rows < cin && rows < 4 * cout;
+}
 inline at::Tensor conv1x1_new(const at::Tensor& in, const at::Tensor& w, at::MemoryFormat fmt) {
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const int64_t rows = in.size(0) * in.size(2) * in.size(3);
-  if (cl && rows < w.size(1)) {
+  if (conv1x1_by_gemm(rows, w.size(1), w.size(0), cl)) {
     at::Tensor out = at::empty({in.size(0), w.size(0), in.size(2), in.size(3)}, in.options().memory_format(fmt));
     conv1x1(out, w, in, true, false);
     return out;
@@ -162,8 +168,9 @@ inline bool weight_grad_by_onednn(const at::Tensor& dout, const at::Tensor& in, 
 // dout[:, p] in[:, p]^T. Both routes are deterministic for a fixed thread count.
 inline void conv1x1_weight_grad(at::Tensor dw, const at::Tensor& dout, const at::Tensor& in, bool cl) {
   if (weight_grad_by_onednn(dout, in, cl)) {
-    // Only the weight's shape and dtype matter to the weight gradient: dw itself serves as the weight.
-    const at::Tensor w4 = dw.unsqueeze(2).unsqueeze(3);
+    // Only the weight's shape and dtype matter to the weight gradient. Not dw itself: as a column slice
+    // of a wider gradient it is not contiguous, and oneDNN's path would copy it (0.1 ms at C=512).
+    const at::Tensor w4 = at::empty({dw.size(0), dw.size(1), 1, 1}, dw.options());
     auto grads = at::convolution_backward(dout, in, w4, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
                                           {false, true, false});
     dw.copy_(std::get<1>(grads).view({dw.size(0), dw.size(1)}));

@@ -66,10 +66,11 @@ at::Tensor stacked_weight(const at::Tensor& out_weight, const at::Tensor& entry_
 
 // The shared read of y: (zx, o) = (entry_weight[:, :C] @ y, out_weight @ y) per pixel, fresh tensors
 // in format `fmt`. One GEMM with the stacked weight (oneDNN's convolution, C <= pixel rows: the weight is
-// small) or, on conv1x1_new's GEMM route (channels_last, fewer pixel rows than C), one GEMM per weight
-// as it is: there the stacked copy cost 0.4 ms (1.2 ms as a cat) of a 5.6 ms forward at the 7x7 stage
-// (N=8, C=2048, Ce=512: a 4.4 MB weight), and GEMMs into P's column blocks ran 7% slower than into
-// their own outputs; the GEMMs are compute-bound there, so reading y twice costs nothing measurable.
+// small) or, where pixel rows are fewer than C (channels_last), one 1x1 conv per weight as it is
+// (conv1x1_new, which picks the GEMM or oneDNN for each): there the stacked copy cost 0.4 ms (1.2 ms as
+// a cat) of a 5.6 ms forward at the 7x7 stage (N=8, C=2048, Ce=512: a 4.4 MB weight), and GEMMs into
+// P's column blocks ran 7% slower than into their own outputs; the GEMMs are compute-bound there, so
+// reading y twice costs nothing measurable.
 bool per_weight_gemms(const at::Tensor& y, at::MemoryFormat fmt) {
   return fmt == at::MemoryFormat::ChannelsLast && y.size(0) * y.size(2) * y.size(3) < y.size(1);
 }

@@ -26,14 +26,17 @@ FORMATS = ("contiguous", "channels_last")
 TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2),
        torch.bfloat16: (8e-2, 8e-2)}
 # (N, C, k, C_out, H, W): batch of one, 1x1 images, primes, k not a multiple of 8. In channels_last
-# the 1x1 convs take the BLAS route when there are fewer pixel rows than input channels (the last
-# shape here) and oneDNN otherwise: both routes are covered.
+# the 1x1 convs take the BLAS route when there are fewer pixel rows than input channels and than 4x the
+# outputs (conv1x1_by_gemm in csrc/cpu/common.h: (2, 8, 32, 16, 1, 1) here) and oneDNN otherwise.
 # The last shapes are wide enough for full AVX-512 vectors plus a tail in both formats (37 output
 # channels, 42-pixel planes).
 CCBA_SHAPES = [(1, 3, 5, 7, 1, 3), (2, 13, 5, 11, 7, 5), (3, 17, 3, 8, 3, 7), (2, 8, 32, 16, 1, 1),
                (2, 40, 32, 37, 6, 7)]
-# (N, C, k, H, W) of y; with pool h is (2H + H%2, 2W + W%2) so floor mode drops a row/column.
-UPDATE_SHAPES = [(1, 3, 5, 1, 3), (2, 13, 5, 7, 5), (3, 17, 3, 3, 7), (2, 8, 32, 1, 1), (2, 24, 35, 6, 7)]
+# (N, C, k, H, W) of y; with pool h is (2H + H%2, 2W + W%2) so floor mode drops a row/column. The out
+# conv's routes: the BLAS GEMM at (2, 8, 32, 1, 1), oneDNN with fewer pixel rows than C but at least 4k
+# at (1, 40, 2, 3, 3), oneDNN with more rows than C at (2, 24, 35, 6, 7).
+UPDATE_SHAPES = [(1, 3, 5, 1, 3), (2, 13, 5, 7, 5), (3, 17, 3, 3, 7), (2, 8, 32, 1, 1), (2, 24, 35, 6, 7),
+                 (1, 40, 2, 3, 3)]
 
 
 def runnable_isas() -> list[str]:
