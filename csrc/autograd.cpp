@@ -30,8 +30,10 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 using Fwd4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Fwd8 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Grads5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Grads6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Grads9 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using CT = const Tensor&;
 using COT = const OptTensor&;
 
@@ -139,6 +141,56 @@ struct UpdateFunction : public torch::autograd::Function<UpdateFunction> {
   }
 };
 
+// rla_update_and_entry, the block boundary: (h_next, out, mean, var, entry_mean, entry_var), the statistics
+// non-differentiable; s and z are saved, not returned (the Python Function returns them as outputs, for
+// which autograd then materialises zero gradients).
+struct BoundaryFunction : public torch::autograd::Function<BoundaryFunction> {
+  static variable_list forward(AutogradContext* ctx, CT h, CT y, CT out_weight, CT gamma, CT beta, COT mean,
+                               COT var, CT rec_weight, CT entry_weight, CT entry_gamma, CT entry_beta,
+                               COT entry_mean, COT entry_var, bool pool, double eps, double entry_eps, bool relu) {
+    static const auto fwd =
+        kernel_op<Fwd8(CT, CT, CT, CT, CT, COT, COT, CT, CT, CT, CT, COT, COT, bool, double, double, bool)>(
+            "rla_ext::rla_update_and_entry_kernel_fwd");
+    KernelGuard guard;
+    auto [h_next, s, m, v, out, z, em, ev] = fwd.call(h, y, out_weight, gamma, beta, mean, var, rec_weight,
+                                                      entry_weight, entry_gamma, entry_beta, entry_mean, entry_var,
+                                                      pool, eps, entry_eps, relu);
+    ctx->save_for_backward({h, y, out_weight, gamma, beta, rec_weight, s, m, v, h_next, entry_weight, entry_gamma,
+                            entry_beta, z, em, ev});
+    ctx->saved_data["pool"] = pool;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["entry_eps"] = entry_eps;
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["training"] = !mean.has_value();
+    ctx->mark_non_differentiable({m, v, em, ev});
+    ctx->set_materialize_grads(false);
+    return {h_next, out, m, v, em, ev};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = kernel_op<Grads9(CT, CT, CT, CT, CT, CT, CT, CT, CT, CT, CT, CT, CT, CT, CT, CT, CT, CT,
+                                             bool, double, double, bool, bool)>("rla_ext::rla_update_and_entry_kernel_bwd");
+    if (!grads[0].defined() && !grads[1].defined()) return variable_list(17);
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &h = saved[0], &y = saved[1], &w_out = saved[2], &gamma = saved[3], &beta = saved[4],
+                 &w_rec = saved[5], &s = saved[6], &m = saved[7], &v = saved[8], &h_next = saved[9],
+                 &w_e = saved[10], &gamma_e = saved[11], &beta_e = saved[12], &z = saved[13], &em = saved[14],
+                 &ev = saved[15];
+    const bool pool = ctx->saved_data["pool"].toBool(), relu = ctx->saved_data["relu"].toBool();
+    const bool training = ctx->saved_data["training"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble(), entry_eps = ctx->saved_data["entry_eps"].toDouble();
+    // An output outside the loss sends zeros, as autograd would have materialised them.
+    const Tensor g_next = grads[0].defined() ? grad_like(grads[0], y) : at::zeros_like(s);
+    const Tensor g_out = grads[1].defined() ? grad_like(grads[1], y) : at::zeros_like(z);
+    KernelGuard guard;
+    auto [dh, dy, dw_out, dw_rec, dgamma, dbeta, dw_e, dgamma_e, dbeta_e] =
+        bwd.call(g_next, g_out, h, y, w_out, gamma, beta, w_rec, s, m, v, h_next, w_e, gamma_e, beta_e, z, em, ev,
+                 pool, eps, entry_eps, relu, training);
+    return {dh,       dy,       dw_out,   dgamma,   dbeta,    Tensor(), Tensor(), dw_rec,  dw_e,
+            dgamma_e, dbeta_e,  Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
 // ---------------------------------------------------------------- BatchNorm bookkeeping
 // Mirrors rla_ext/ops/_batchnorm.py (eval_stats, update_running_stats) and _kernels.forward_with_stats.
 
@@ -199,6 +251,23 @@ Tensor rla_update(CT h, CT y, CT out_weight, CT gamma, CT beta, COT running_mean
   });
 }
 
+// The boundary: both BatchNorms' bookkeeping around one kernel call, as the Python path's _fwd_body.
+std::tuple<Tensor, Tensor> rla_update_and_entry(CT h, CT y, CT out_weight, CT gamma, CT beta, COT running_mean,
+                                                COT running_var, CT rec_weight, CT entry_weight, CT entry_gamma,
+                                                CT entry_beta, COT entry_running_mean, COT entry_running_var,
+                                                bool pool, bool training, double momentum, double eps,
+                                                double entry_momentum, double entry_eps, bool relu) {
+  auto [m, v] = kernel_stats(running_mean, running_var, training, y);
+  auto [em, ev] = kernel_stats(entry_running_mean, entry_running_var, training, y);
+  const variable_list r = BoundaryFunction::apply(h, y, out_weight, gamma, beta, m, v, rec_weight, entry_weight,
+                                                  entry_gamma, entry_beta, em, ev, pool, eps, entry_eps, relu);
+  if (training) {
+    update_running_stats(running_mean, running_var, r[2], r[3], r[0], momentum);
+    update_running_stats(entry_running_mean, entry_running_var, r[4], r[5], r[1], entry_momentum);
+  }
+  return {r[0], r[1]};
+}
+
 }  // namespace
 
 // Autograd: the Functions above. CompositeExplicitAutograd: the same call where autograd is not in the
@@ -207,12 +276,14 @@ TORCH_LIBRARY_IMPL(rla_ext, Autograd, m) {
   m.impl("concat_conv_bn_act_autograd", &concat_conv_bn_act);
   m.impl("concat_conv3x3_bn_act_autograd", &concat_conv3x3_bn_act);
   m.impl("rla_update_autograd", &rla_update);
+  m.impl("rla_update_and_entry_autograd", &rla_update_and_entry);
 }
 
 TORCH_LIBRARY_IMPL(rla_ext, CompositeExplicitAutograd, m) {
   m.impl("concat_conv_bn_act_autograd", &concat_conv_bn_act);
   m.impl("concat_conv3x3_bn_act_autograd", &concat_conv3x3_bn_act);
   m.impl("rla_update_autograd", &rla_update);
+  m.impl("rla_update_and_entry_autograd", &rla_update_and_entry);
 }
 
 }  // namespace rla_ext

@@ -34,7 +34,7 @@ TORCH_LIBRARY_FRAGMENT(rla_ext, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The eager fast path (csrc/autograd.cpp): the kernels above under a C++ autograd Function, with the
   // BatchNorm bookkeeping (running statistics updated in place when training), for plain eager calls
-  // only (no fake kernels: tracing takes the Python custom ops). -> out.
+  // only (no fake kernels: tracing takes the Python custom ops). -> out (the boundary: h_next, out).
   m.def("concat_conv_bn_act_autograd(Tensor x, Tensor h, Tensor weight, Tensor gamma, Tensor beta, "
         "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) "
         "-> Tensor");
@@ -44,6 +44,11 @@ TORCH_LIBRARY_FRAGMENT(rla_ext, m) {
   m.def("rla_update_autograd(Tensor h, Tensor y, Tensor out_weight, Tensor gamma, Tensor beta, "
         "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor rec_weight, bool pool, bool training, "
         "float momentum, float eps) -> Tensor");
+  m.def("rla_update_and_entry_autograd(Tensor h, Tensor y, Tensor out_weight, Tensor gamma, Tensor beta, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor rec_weight, Tensor entry_weight, "
+        "Tensor entry_gamma, Tensor entry_beta, Tensor(c!)? entry_running_mean, Tensor(d!)? entry_running_var, "
+        "bool pool, bool training, float momentum, float eps, float entry_momentum, float entry_eps, bool relu) "
+        "-> (Tensor, Tensor)");
   // The ConvGRU / ConvLSTM aggregation cells (rla_ext/ops/conv_gru_cell.py, conv_lstm_cell.py); CPU only,
   // other devices run the reference. GRU stats: (N, 3, 2) per-sample (mean, rstd) of the r, u, output norms.
   m.def("conv_gru_cell_kernel_fwd(Tensor x, Tensor h, Tensor gate_weight, Tensor gate_bias, Tensor output_weight, "

@@ -20,7 +20,7 @@ from rla_ext.ops import _autocast
 from rla_ext.ops import _batchnorm as bn
 from rla_ext.ops import _distributed
 from rla_ext.ops import _validation as v
-from rla_ext.ops._kernels import eager_fast_path, empty_activation, kernels, register_kernel_fakes
+from rla_ext.ops._kernels import cpp_autograd, eager_fast_path, empty_activation, kernels, register_kernel_fakes
 from rla_ext.ops.concat_conv_bn_act import concat_conv_bn_act
 from rla_ext.ops.rla_update import rla_update
 
@@ -243,8 +243,13 @@ def rla_update_and_entry(h: Tensor, y: Tensor, out_weight: Tensor, bn_weight: Te
     fmt = v.memory_format_of(y)
     gamma, beta = bn.affine(bn_weight, bn_bias, k, y)
     entry_gamma, entry_beta = bn.affine(entry_bn_weight, entry_bn_bias, ce, y)
-    h_next, out, *_ = RLAUpdateAndEntryFunction.apply(
-        v.in_format(h, fmt), v.in_format(y, fmt), w_out, gamma, beta, running_mean, running_var, w_rec, w_e,
-        entry_gamma, entry_beta, entry_running_mean, entry_running_var, pool, training, momentum, eps,
-        entry_momentum, entry_eps, activation == "relu", name)
+    h, y = v.in_format(h, fmt), v.in_format(y, fmt)
+    args = (h, y, w_out, gamma, beta, running_mean, running_var, w_rec, w_e, entry_gamma, entry_beta,
+            entry_running_mean, entry_running_var, pool, training, momentum, eps, entry_momentum, entry_eps,
+            activation == "relu")
+    fast = cpp_autograd(_OP, name, h, y, w_out, gamma, beta, w_rec, w_e, entry_gamma, entry_beta)
+    if fast is not None:
+        h_next, out = fast(*args)
+        return h_next, out
+    h_next, out, *_ = RLAUpdateAndEntryFunction.apply(*args, name)
     return h_next, out

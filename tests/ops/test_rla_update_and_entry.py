@@ -364,3 +364,66 @@ def test_eager_fast_path_and_dispatch_modes():
         for g, e in zip(got, expected):
             assert g.shape == e.shape and g.is_contiguous(memory_format=torch.channels_last)
 
+
+
+def _python_and_cpp_paths(monkeypatch, fn):
+    """fn() on the C++ autograd path (csrc/autograd.cpp, rla_ext::rla_update_and_entry_autograd), then on the
+    Python Function path; asserts which ran each time."""
+    from rla_ext.ops import _kernels
+
+    with torch.profiler.profile() as prof:
+        got = fn()
+    assert f"rla_ext::{_OP}_autograd" in {e.name for e in prof.events()}
+    monkeypatch.setattr(_kernels, "CPP_AUTOGRAD_BACKENDS", ())
+    with torch.profiler.profile() as prof:
+        ref = fn()
+    assert f"rla_ext::{_OP}_autograd" not in {e.name for e in prof.events()}
+    monkeypatch.undo()
+    return got, ref
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("pool", [False, True], ids=["nopool", "pool"])
+@pytest.mark.parametrize("dtype,fmt", [(torch.float32, "contiguous"), (torch.float32, "channels_last"),
+                                       (torch.float64, "contiguous"), (torch.bfloat16, "channels_last")])
+def test_cpp_autograd_is_the_python_path_bitwise(monkeypatch, training, pool, dtype, fmt):
+    """Both outputs, every gradient and both running-statistics pairs, bit for bit (same kernels, same
+    arguments); the last case has fewer pixel rows than C (the per-weight GEMM route)."""
+    _cpp_only()
+    for case in (CASES[0], CASES[-1]):
+        inp = make_inputs(*case, pool, dtype, fmt, seed=3)
+        # Distinct momenta and eps, so no BatchNorm's argument can stand in for the other's.
+        got, ref = _python_and_cpp_paths(monkeypatch, lambda: run(
+            fused, clone(inp), pool=pool, training=training, momentum=0.2, eps=2e-5, entry_momentum=0.05,
+            entry_eps=1e-3, backend="cpp"))
+        assert got.keys() == ref.keys()
+        for name in ref:
+            assert torch.equal(got[name], ref[name]), name
+            assert got[name].stride() == ref[name].stride(), name
+
+
+def test_cpp_autograd_one_output_in_the_loss_no_grad_and_inference_mode(monkeypatch):
+    """Only h_next, or only the entry's output, in the loss (the other output's gradient is zero); the
+    forward alone under no_grad and inference_mode (running statistics still updated, nothing recorded)."""
+    _cpp_only()
+    inp = make_inputs(2, 6, 4, 5, (3, 4), True, torch.float64, "channels_last", seed=5)
+    for which in (0, 1):
+        def one_output():
+            i = clone(inp)
+            outs = fused(i, pool=True, training=True, backend="cpp")
+            outs[which].sum().backward()
+            return {n: t.grad for n, t in i.items() if t is not None and t.requires_grad}
+
+        got, ref = _python_and_cpp_paths(monkeypatch, one_output)
+        for name in ref:
+            assert torch.equal(got[name], ref[name]), (which, name)
+    for context in (torch.no_grad, torch.inference_mode):
+        def forward_only():
+            with context():
+                i = clone(inp)
+                return fused(i, pool=True, training=True, backend="cpp"), i["running_var"], i["entry_running_var"]
+
+        (outs, rv, erv), (ref_outs, ref_rv, ref_erv) = _python_and_cpp_paths(monkeypatch, forward_only)
+        assert all(o.grad_fn is None for o in outs)
+        assert all(torch.equal(a, b) for a, b in zip(outs, ref_outs))
+        assert torch.equal(rv, ref_rv) and torch.equal(erv, ref_erv)
