@@ -1,9 +1,10 @@
 // The ConvGRU cell on CPU (rla_ext/ops/conv_gru_cell.py has the math and the op contract):
-//   zg = Wg[:, :C] * x + Wg[:, C:] * h + bg          (r, u pre-norm; two convs, no cat)
+//   zg = Wg * cat(x, h) + bg                        (r, u pre-norm)
 //   r, u = sigmoid(GN(zg))                            (one GroupNorm group per gate and sample)
-//   zo = Wo[:, :C] * x + Wo[:, C:] * (r h) + bo
+//   zo = Wo * cat(x, r h) + bo
 //   h' = u h + (1 - u) tanh(GN(zo))
-// The 3x3 convs are ATen's (oneDNN); the statistics and the gating are fused passes (csrc/cpu/conv_cell.h).
+// The 3x3 convs are ATen's (oneDNN), over a transient concatenation or the weight's column segments
+// (conv3x3_of_cat); the statistics and the gating are fused passes (csrc/cpu/conv_cell.h).
 // Saved for backward: zg, zo and the per-sample (mean, rstd) of the three groups (stats (N, 3, 2));
 // backward recomputes r, u, y from them.
 #include <ATen/ATen.h>
@@ -45,17 +46,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& wg, const at::Tensor& bg, const at::Tensor& wo,
     const at::Tensor& bo, const at::Tensor& gamma_in, const at::Tensor& beta_in, double eps) {
   check_inputs(x_in, h_in, wg, wo, gamma_in, beta_in);
-  const int64_t N = x_in.size(0), C = x_in.size(1), K = h_in.size(1);
+  const int64_t N = x_in.size(0), K = h_in.size(1);
   check_bias("gate_bias", bg, 2 * K, x_in);
   check_bias("output_bias", bo, K, x_in);
   const auto fmt = memory_format_of(x_in);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt);
   const at::Tensor gamma = gamma_in.contiguous(), beta = beta_in.contiguous();
-  const WeightSegments g = split_columns(wg, C), o = split_columns(wo, C);
-
-  at::Tensor zg = conv3x3(x, g.wx, bg, fmt);
-  zg.add_(conv3x3(h, g.wh, c10::nullopt, fmt));
+  const at::Tensor zg = conv3x3_of_cat(x, h, wg, bg, fmt);
   at::Tensor stats = at::empty({N, kSlots, 2}, gamma.options());
   at::Tensor rh = at::empty_like(h);
   const int64_t HW = x.size(2) * x.size(3);
@@ -76,8 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     });
   });
 
-  at::Tensor zo = conv3x3(x, o.wx, bo, fmt);
-  zo.add_(conv3x3(rh, o.wh, c10::nullopt, fmt));
+  const at::Tensor zo = conv3x3_of_cat(x, rh, wo, bo, fmt);
   at::Tensor out = at::empty_like(h);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_gru_cell_fwd_out", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -104,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& wo, const at::Tensor& gamma_in, const at::Tensor& beta_in, const at::Tensor& zg_in,
     const at::Tensor& zo_in, const at::Tensor& stats_in) {
   check_inputs(x_in, h_in, wg, wo, gamma_in, beta_in);
-  const int64_t N = x_in.size(0), C = x_in.size(1), K = h_in.size(1);
+  const int64_t N = x_in.size(0), K = h_in.size(1);
   check_activation(kOp, "grad_out", grad_out, x_in, "x");
   check_activation(kOp, "zg", zg_in, x_in, "x");
   check_activation(kOp, "zo", zo_in, x_in, "x");
@@ -122,7 +119,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt), go = grad_out.contiguous(fmt);
   const at::Tensor zg = zg_in.contiguous(fmt), zo = zo_in.contiguous(fmt), stats = stats_in.contiguous();
   const at::Tensor gamma = gamma_in.contiguous(), beta = beta_in.contiguous();
-  const WeightSegments g = split_columns(wg, C), o = split_columns(wo, C);
   const int64_t HW = x.size(2) * x.size(3);
   const CellLayout L2{N, K, HW, 2, cl}, L1{N, K, HW, 1, cl};
   const auto acc_opts = gamma.options();  // the statistics dtype is the accumulation dtype
@@ -154,8 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     gate_group_norm_backward(gyp, zop, dzo.data_ptr<scalar_t>(), L1, 0, st, kSlots, 2, ga + 2 * K,
                              dgamma.data_ptr<acc_t>() + 2 * K, dbeta.data_ptr<acc_t>() + 2 * K);
   });
-  auto [drh, dwo_h, unused] = conv3x3_backward(dzo, rh, o.wh, false, fmt);
-  auto [dx, dwo_x, dbo] = conv3x3_backward(dzo, x, o.wx, true, fmt);
+  const CatConvGrads go_ = conv3x3_of_cat_backward(dzo, x, rh, wo, true, fmt);
+  const at::Tensor& drh = go_.db;
 
   // Pass 2: the reset gate's gradient through r * h; the r and u norms' backward into dzg.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_gru_cell_bwd_gates", [&] {
@@ -178,9 +174,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     gate_group_norm_backward(gu.const_data_ptr<acc_t>(), zgp, dzgp, L2, 1, st, kSlots, 1, ga + K,
                              dgamma.data_ptr<acc_t>() + K, dbeta.data_ptr<acc_t>() + K);
   });
-  auto [dh_g, dwg_h, unused2] = conv3x3_backward(dzg, h, g.wh, false, fmt);
-  auto [dx_g, dwg_x, dbg] = conv3x3_backward(dzg, x, g.wx, true, fmt);
-  dx.add_(dx_g);
+  const CatConvGrads gg = conv3x3_of_cat_backward(dzg, x, h, wg, true, fmt);
+  at::Tensor dx = go_.da;
+  dx.add_(gg.da);
+  const at::Tensor& dh_g = gg.db;
   at::Tensor dh = at::empty_like(h);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_gru_cell_bwd_dh", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -191,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       d[s] = static_cast<scalar_t>(a[s] + static_cast<acc_t>(b[s]));
     });
   });
-  return {dx, dh, at::cat({dwg_x, dwg_h}, 1).contiguous(), dbg, at::cat({dwo_x, dwo_h}, 1).contiguous(), dbo, dgamma, dbeta};
+  return {dx, dh, gg.dw, gg.dbias, go_.dw, go_.dbias, dgamma, dbeta};
 }
 
 }  // namespace

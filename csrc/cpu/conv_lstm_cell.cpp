@@ -1,9 +1,9 @@
 // The ConvLSTM cell on CPU (rla_ext/ops/conv_lstm_cell.py has the math and the op contract):
-//   z = W[:, :C] * x + W[:, C:] * h + b      (gates i, f, o, g; two 3x3 convs, no cat)
+//   z = W * cat(x, h) + b      (gates i, f, o, g; cpu/conv_cell.h's conv3x3_of_cat: the concatenation
+//                               is transient or never built)
 //   c' = sigmoid(f) c + sigmoid(i) tanh(g);   h' = sigmoid(o) tanh(c')
-// The two convolutions' outputs are summed inside the gating pass, which also writes z (saved for
-// backward). Backward: one elementwise pass from (z, c, c', grad h', grad c') to dz and dc, then the
-// convolutions' input and weight gradients (ATen / oneDNN).
+// z is saved for backward. Backward: one elementwise pass from (z, c, c', grad h', grad c') to dz and
+// dc, then the convolution's input and weight gradients (ATen / oneDNN) on the forward's route.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -35,29 +35,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x_in, c
                                                        const at::Tensor& c_in, const at::Tensor& w,
                                                        const at::Tensor& bias) {
   check_inputs(x_in, h_in, c_in, w);
-  const int64_t N = x_in.size(0), C = x_in.size(1), K = h_in.size(1);
+  const int64_t N = x_in.size(0), K = h_in.size(1);
   check_weight(kOp, "bias", bias, {4 * K}, x_in, "x");
   const auto fmt = memory_format_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt), c = c_in.contiguous(fmt);
-  const WeightSegments seg = split_columns(w, C);
-  at::Tensor z = conv3x3(x, seg.wx, bias, fmt);
-  const at::Tensor zh = conv3x3(h, seg.wh, c10::nullopt, fmt);
+  const at::Tensor z = conv3x3_of_cat(x, h, w, bias, fmt);
   at::Tensor h_out = at::empty_like(h), c_out = at::empty_like(h);
   const CellLayout L{N, K, x.size(2) * x.size(3), 4, fmt == at::MemoryFormat::ChannelsLast};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_lstm_cell_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* zp = z.data_ptr<scalar_t>();
-    const scalar_t *zhp = zh.const_data_ptr<scalar_t>(), *cp = c.const_data_ptr<scalar_t>();
+    const scalar_t *zp = z.const_data_ptr<scalar_t>(), *cp = c.const_data_ptr<scalar_t>();
     scalar_t *hop = h_out.data_ptr<scalar_t>(), *cop = c_out.data_ptr<scalar_t>();
     for_each_cell_element(L, [=](int64_t, int64_t, int64_t s, int64_t w0, int64_t gs) {
-      // z rounded to the activation dtype first: backward recomputes the gates from the saved z.
+      // From z as stored: backward recomputes the gates from the saved z.
       acc_t g4[4];
-      for (int j = 0; j < 4; ++j) {
-        const scalar_t zj = static_cast<scalar_t>(static_cast<acc_t>(zp[w0 + j * gs]) +
-                                                  static_cast<acc_t>(zhp[w0 + j * gs]));
-        zp[w0 + j * gs] = zj;
-        g4[j] = static_cast<acc_t>(zj);
-      }
+      for (int j = 0; j < 4; ++j) g4[j] = static_cast<acc_t>(zp[w0 + j * gs]);
       const scalar_t cn = static_cast<scalar_t>(sigmoid_approx(g4[1]) * static_cast<acc_t>(cp[s]) +
                                                 sigmoid_approx(g4[0]) * tanh_approx(g4[3]));
       cop[s] = cn;
@@ -71,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& x_in, const at::Tensor& h_in,
     const at::Tensor& c_in, const at::Tensor& w, const at::Tensor& z_in, const at::Tensor& c_out_in) {
   check_inputs(x_in, h_in, c_in, w);
-  const int64_t N = x_in.size(0), C = x_in.size(1), K = h_in.size(1);
+  const int64_t N = x_in.size(0), K = h_in.size(1);
   check_activation(kOp, "grad_h", grad_h, x_in, "x");
   check_activation(kOp, "grad_c", grad_c, x_in, "x");
   check_activation(kOp, "z", z_in, x_in, "x");
@@ -84,7 +76,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const at::Tensor x = x_in.contiguous(fmt), h = h_in.contiguous(fmt), c = c_in.contiguous(fmt);
   const at::Tensor gh = grad_h.contiguous(fmt), gc = grad_c.contiguous(fmt);
   const at::Tensor z = z_in.contiguous(fmt), cn = c_out_in.contiguous(fmt);
-  const WeightSegments seg = split_columns(w, C);
   at::Tensor dz = at::empty_like(z), dc = at::empty_like(c);
   const CellLayout L{N, K, x.size(2) * x.size(3), 4, fmt == at::MemoryFormat::ChannelsLast};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_lstm_cell_bwd", [&] {
@@ -108,9 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       dcp[s] = static_cast<scalar_t>(dct * sf);
     });
   });
-  auto [dh, dw_h, unused] = conv3x3_backward(dz, h, seg.wh, false, fmt);
-  auto [dx, dw_x, db] = conv3x3_backward(dz, x, seg.wx, true, fmt);
-  return {dx, dh, dc, at::cat({dw_x, dw_h}, 1).contiguous(), db};
+  const CatConvGrads g = conv3x3_of_cat_backward(dz, x, h, w, true, fmt);
+  return {g.da, g.db, dc, g.dw, g.dbias};
 }
 
 }  // namespace

@@ -16,8 +16,12 @@ pytestmark = pytest.mark.isa_sensitive  # rerun on a lower ISA by scripts/test_l
 
 CPP = [pytest.param("cpp", marks=pytest.mark.skipif(rla_ext._backend.unavailable_reason("cpp", "cpu") is not None,
                                                     reason="the cpp backend is not built"))]
-# (N, C, k, (H, W)): odd sizes, N = 1, 1x1 maps (the 3x3 conv sees only padding around one pixel).
+# (N, C, k, (H, W)): odd sizes, N = 1, 1x1 maps (the 3x3 conv sees only padding around one pixel). The
+# cpp cells run their convs over a transient cat(x, h) at these sizes; SEGMENT_CASE's concatenation is
+# over 1 MiB (1.06 MiB in bf16 / fp16, 4.2 MiB in fp64), where they take the weight's segments instead
+# (conv_over_cat in csrc/cpu/conv_cell.h).
 CASES = [(2, 5, 4, (6, 7)), (1, 3, 2, (1, 1)), (3, 4, 3, (5, 2))]
+SEGMENT_CASE = (2, 24, 16, (80, 83))
 FORMATS = ["contiguous", "channels_last"]
 CELLS = ["gru", "lstm"]
 # Differentiable arguments of each op, in call order (names as the op's keywords).
@@ -77,13 +81,23 @@ def test_fused_matches_reference(backend, cell, case, fmt, dtype):
 
 
 @pytest.mark.parametrize("backend", CPP)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_segment_route_matches_reference(backend, cell, fmt):
+    """SEGMENT_CASE in float64 (its large reductions are beyond fp32's per-element bar; the
+    half-precision test below covers it in bf16 / fp16)."""
+    test_fused_matches_reference(backend, cell, SEGMENT_CASE, fmt, torch.float64)
+
+
+@pytest.mark.parametrize("backend", CPP)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cell", CELLS)
-def test_half_precision_within_the_reference_error(backend, cell, fmt, dtype):
+@pytest.mark.parametrize("case", [CASES[0], SEGMENT_CASE], ids=str)
+def test_half_precision_within_the_reference_error(backend, cell, fmt, dtype, case):
     """bf16 / fp16 cells: every output and gradient at most 2x the reference's own error (both
     against a float64 run of the reference on the same rounded inputs) plus a small absolute term."""
-    inputs = make_inputs(cell, *CASES[0], dtype, fmt, seed=3)
+    inputs = make_inputs(cell, *case, dtype, fmt, seed=3)
     got, got_grads = run(cell, inputs, backend)
     ref, ref_grads = run(cell, inputs, "torch")
     ref64, ref64_grads = run(cell, {k: v.double() for k, v in inputs.items()}, "torch")
