@@ -290,16 +290,19 @@ def test_models_cells_take_the_fused_op(backend, cell, monkeypatch):
 
 @pytest.mark.parametrize("backend", CPP)
 @pytest.mark.parametrize("cell", CELLS)
-def test_auto_takes_the_fused_cell_for_inference_only(backend, cell, monkeypatch):
-    """auto: the fused forward where it is faster (no grad), the plain step when training (its fused
-    backward is not yet faster); the named backend always gets the fused op."""
+def test_auto_takes_the_fused_cell(backend, cell, monkeypatch):
+    """auto: the fused cell in training steps and without grad alike (both measured faster); the named
+    backend gets it too, and the reference backend never does."""
     m, calls = _small_model_counting_cell_calls(cell, "auto", monkeypatch)
     x = torch.randn(2, 3, 32, 32)
-    m(x)
-    assert calls == []
+    m(x).sum().backward()
+    assert len(calls) == 2
     with torch.no_grad():
         m(x)
-    assert len(calls) == 2
+    assert len(calls) == 4
     m.set_backend(backend)
     m(x)
-    assert len(calls) == 4
+    assert len(calls) == 6
+    m.set_backend("torch")
+    m(x)
+    assert len(calls) == 6
