@@ -145,6 +145,7 @@ def test_auto_runs_the_reference_for_an_unmeasured_slower_op(monkeypatch):
     `auto` takes it only where the measured table says it won."""
     from rla_ext import _auto_table
 
+    monkeypatch.setattr(_auto_table, "PREFERENCE", {})  # no measurement of the op
     assert _backend.auto_candidates("cpu", "concat_conv3x3_bn_act", (32, 32))[0] == "torch"
     monkeypatch.setattr(_auto_table, "PREFERENCE", {("cpu", "concat_conv3x3_bn_act", 28, "fwd+bwd"): ("cpp",
                                                                                                  "torch")})
