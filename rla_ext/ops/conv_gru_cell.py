@@ -5,10 +5,11 @@
     y = tanh(GN_o(output_conv(cat(x, r * h))))      3x3, padding 1, bias; k outputs
     h' = u * h + (1 - u) * y
 
-Fused (cpp): neither concatenation is built. Each conv's weight is split into its x columns and its h
-columns and both convolutions land in one pre-norm output; the GroupNorm statistics (per sample, per
-gate), the sigmoid / tanh gating and ``r * h`` are fused passes; backward recomputes r, u, y from the
-saved pre-norm outputs and per-sample statistics (N x 3 means and reciprocal deviations).
+Fused (cpp): no concatenation is saved. Each conv runs as one convolution over a concatenation that
+lives for the call while it is at most 1 MiB, else as two with the weight's x and h columns summed into
+one pre-norm output (conv_over_cat in csrc/cpu/conv_cell.h); the GroupNorm statistics (per sample, per
+gate), the sigmoid / tanh gating and ``r * h`` are fused, vectorised passes; backward recomputes r, u, y
+from the saved pre-norm outputs and per-sample statistics (N x 3 means and reciprocal deviations).
 
 Backends: ``torch`` (the reference) and ``cpp``. ``cuda`` and ``triton`` route to the reference (plain
 PyTorch on the GPU), deliberately: the cell works on k = 32-channel tensors, tiny next to the
@@ -115,7 +116,7 @@ def conv_gru_cell(x: Tensor, h: Tensor, gate_weight: Tensor, gate_bias: Tensor |
                   reset_norm_bias: Tensor | None = None, update_norm_weight: Tensor | None = None,
                   update_norm_bias: Tensor | None = None, output_norm_weight: Tensor | None = None,
                   output_norm_bias: Tensor | None = None, *, eps: float = 1e-6, backend: str | None = None) -> Tensor:
-    """One ConvGRU step (module docstring) with no concatenation built.
+    """One ConvGRU step (module docstring) with no concatenation saved.
 
     Shapes:
         x: (N, C, H, W) the cell input (the block output's projection); h: (N, k, H, W) the state.

@@ -3,10 +3,11 @@
     i, f, o, g = split(conv(cat(x, h)))             3x3, padding 1, optional bias (none as released); 4k outputs
     c' = sigmoid(f) * c + sigmoid(i) * tanh(g);   h' = sigmoid(o) * tanh(c')
 
-The released cell has no normalisation. Fused (cpp): cat(x, h) is never built: the conv weight is split
-into its x columns and its h columns, both convolutions are summed inside the gating pass (which also
-writes the pre-activation z saved for backward), and backward is one elementwise pass from (z, c, c')
-to the pre-activation gradient followed by the two convolutions' input and weight gradients.
+The released cell has no normalisation. Fused (cpp): cat(x, h) is not saved: the conv runs over a
+concatenation that lives for the call while it is at most 1 MiB, else as two convolutions with the
+weight's x and h columns summed (conv_over_cat in csrc/cpu/conv_cell.h); the gating is one vectorised
+pass over the pre-activation z (saved for backward), and backward is one elementwise pass from
+(z, c, c') to the pre-activation gradient followed by the convolution's input and weight gradients.
 
 Backends: ``torch`` (the reference) and ``cpp``. ``cuda`` and ``triton`` route to the reference, for
 the reason given in :mod:`rla_ext.ops.conv_gru_cell`: k = 32-channel cells are tiny next to the
