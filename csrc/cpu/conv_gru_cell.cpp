@@ -150,8 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     gate_group_norm_backward(gyp, zop, dzo.data_ptr<scalar_t>(), L1, 0, st, kSlots, 2, ga + 2 * K,
                              dgamma.data_ptr<acc_t>() + 2 * K, dbeta.data_ptr<acc_t>() + 2 * K);
   });
-  const CatConvGrads go_ = conv3x3_of_cat_backward(dzo, x, rh, wo, true, fmt);
-  const at::Tensor& drh = go_.db;
+  const CatConvGrads out_conv = conv3x3_of_cat_backward(dzo, x, rh, wo, true, fmt);
+  const at::Tensor& drh = out_conv.db;
 
   // Pass 2: the reset gate's gradient through r * h; the r and u norms' backward into dzg.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_gru_cell_bwd_gates", [&] {
@@ -174,10 +174,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     gate_group_norm_backward(gu.const_data_ptr<acc_t>(), zgp, dzgp, L2, 1, st, kSlots, 1, ga + K,
                              dgamma.data_ptr<acc_t>() + K, dbeta.data_ptr<acc_t>() + K);
   });
-  const CatConvGrads gg = conv3x3_of_cat_backward(dzg, x, h, wg, true, fmt);
-  at::Tensor dx = go_.da;
-  dx.add_(gg.da);
-  const at::Tensor& dh_g = gg.db;
+  const CatConvGrads gate_conv = conv3x3_of_cat_backward(dzg, x, h, wg, true, fmt);
+  at::Tensor dx = out_conv.da;
+  dx.add_(gate_conv.da);
+  const at::Tensor& dh_g = gate_conv.db;
   at::Tensor dh = at::empty_like(h);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_gru_cell_bwd_dh", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       d[s] = static_cast<scalar_t>(a[s] + static_cast<acc_t>(b[s]));
     });
   });
-  return {dx, dh, gg.dw, gg.dbias, go_.dw, go_.dbias, dgamma, dbeta};
+  return {dx, dh, gate_conv.dw, gate_conv.dbias, out_conv.dw, out_conv.dbias, dgamma, dbeta};
 }
 
 }  // namespace

@@ -1,9 +1,10 @@
 // CUDA kernels of the basic-block entry, concat_conv3x3_bn_act: act(batch_norm(conv3x3(cat(x, h), stride,
 // padding 1))) without building cat(x, h). See docs/ARCHITECTURE.md for the contract.
 //
-// The design of the CPU kernel (csrc/cpu/concat_conv3x3_bn_act.cpp): the conv is two ATen (cuDNN)
-// convolutions with the weight's column segments, x's [0, C) and h's [C, C + k), summed into one pre-BN
-// output z; after it, the shared BatchNorm machinery of batchnorm.cuh, as op A uses it: batch statistics
+// The design of the CPU kernel's segment route (csrc/cpu/concat_conv3x3_bn_act.cpp, which on the CPU
+// takes one convolution over a transient cat(x, h) instead while that is at most 1 MiB: measured there,
+// not on a GPU): the conv is two ATen (cuDNN) convolutions with the weight's column segments, x's [0, C)
+// and h's [C, C + k), summed into one pre-BN output z; after it, the shared BatchNorm machinery of batchnorm.cuh, as op A uses it: batch statistics
 // (one deterministic reduction), one normalise+activation pass forward; one fused activation+BatchNorm
 // reduction and one elementwise pass backward, then cuDNN's convolution backward per segment.
 #include <ATen/ATen.h>
